@@ -1,0 +1,277 @@
+"""Closed-form merges of linear layers and LoRA factors (LoRM, RegMean, FedAvg).
+
+Convention (the paper's): a linear layer is ``y = W x`` with ``W ∈ R^{d_out×d_in}``, LoRA ``ΔW = B A`` with
+``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``, and client k's Gram of the layer input ``G_k = Σ x xᵀ ∈ R^{d_in×d_in}``.
+The client axis comes first. A Gram argument is full ``[K, d, d]`` or diagonal ``[K, d]`` (a 2-D array is diagonal).
+
+Every merge minimises a response-matching objective in closed form::
+
+    regmean(W, G)      = argmin_W  Σ_k ‖X_k Wᵀ − X_k W_kᵀ‖²      = (Σ W_k G_k)(Σ G_k)^+
+    merge_lora_A(A, G) = argmin_A  Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖² = (Σ A_k G_k)(Σ G_k)^+          (B shared)
+    merge_lora_B(B,A,G)= argmin_B  Σ_k ‖X_k (B A)ᵀ − X_k (B_k A)ᵀ‖² = (Σ B_k A G_k) Aᵀ (A (Σ G_k) Aᵀ)^+  (A shared)
+
+All three are one operation, ``solve_gram(E, G) = E G^+`` for a symmetric PSD ``G``:
+
+* diagonal ``G = diag(g)``: ``E[:, j] / g[j]`` (0 where ``g[j] = 0``), O(d), never a d×d matrix;
+* full ``G``: features with a zero diagonal are dropped (they are exactly the zero columns, which ``^+`` maps to 0),
+  the rest is Jacobi-scaled to a unit diagonal and solved by Cholesky with one step of iterative refinement; when the
+  Cholesky factor shows the matrix is (numerically) singular, an eigendecomposition pseudo-inverse of the unscaled
+  matrix is used instead, so rank-deficient Grams give the minimum-norm (``pinv``) solution and never inf/NaN.
+
+Everything is ``jit``/``vmap`` compatible and returns float32. With ``jax_enable_x64`` on, ``dtype=jnp.float64``
+computes in double precision (TPUs have no float64; the float32 path is the accurate default).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# A Cholesky pivot (on the unit-diagonal, Jacobi-scaled matrix) below this means the matrix is too ill-conditioned for
+# the fast path: cond(G_scaled) >~ 1 / SINGULAR_PIVOT. The eigh pseudo-inverse takes over.
+SINGULAR_PIVOT = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-12}
+# Relative eigenvalue cut-off of the pseudo-inverse fallback (numpy/torch pinv use max(M,N)·eps; float64 torch 1e-15).
+PINV_RCOND = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): 1e-13}
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _compute_dtype(dtype):
+    dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype=float64 needs jax.config.update('jax_enable_x64', True) before any array is created")
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"merge dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def is_diagonal(grams: jax.Array) -> bool:
+    """A client-stacked Gram is diagonal when it is ``[K, d]`` (full ones are ``[K, d, d]``)."""
+    if grams.ndim not in (2, 3):
+        raise ValueError(f"grams must be [K, d] (diagonal) or [K, d, d] (full), got shape {grams.shape}")
+    return grams.ndim == 2
+
+
+def shrink_gram(gram: jax.Array, alpha: float) -> jax.Array:
+    """RegMean shrinkage ``α G + (1 − α) diag(G)`` of full Grams ``[..., d, d]`` (α = 0: diagonal only; α = 1: G).
+
+    Shrinking keeps the diagonal, so a diagonal Gram ``[..., d]`` needs no shrinking at all (and should never be
+    expanded to d×d for it).
+    """
+    if gram.ndim < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"shrink_gram expects full Grams [..., d, d], got shape {gram.shape}")
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    eye = jnp.eye(gram.shape[-1], dtype=bool)
+    return jnp.where(eye, diag[..., None, :], alpha * gram).astype(jnp.float32)
+
+
+def _diag_solve(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E diag(g)^+``: column-wise division, 0 where ``g = 0``. e: [m, d], g: [d]."""
+    live = g > 0
+    return jnp.where(live, e / jnp.where(live, g, 1), 0)
+
+
+def _pinv_solve(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E G^+`` through ``G = V diag(w) Vᵀ``, eigenvalues below ``rcond · max w`` treated as 0."""
+    w, v = jnp.linalg.eigh(g)
+    cut = PINV_RCOND[g.dtype] * jnp.max(jnp.abs(w))
+    inv_w = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
+    return _mm(_mm(e, v) * inv_w, v.T)
+
+
+def _cholesky_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``E G^{-1}`` for a positive-definite G with unit diagonal; also returns the smallest Cholesky pivot²."""
+    chol = jnp.linalg.cholesky(g)
+    solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs.T).T  # X G = R  <=>  G Xᵀ = Rᵀ
+    x = solve(e)
+    x = x + solve(e - _mm(x, g))  # one step of iterative refinement
+    pivot = jnp.min(jnp.diagonal(chol)) ** 2
+    return x, jnp.where(jnp.isfinite(pivot), pivot, 0.0)
+
+
+def _full_solve(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E G^+`` for a symmetric PSD ``G`` [d, d] and ``E`` [m, d] (see the module docstring)."""
+    diag = jnp.diagonal(g)
+    live = diag > 0
+    inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
+    # Dead features (zero Gram diagonal ⇒ zero row/column of a PSD matrix) become identity rows; their E columns are 0.
+    g_scaled = jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :])
+    x_scaled, pivot = _cholesky_solve(e * inv_sqrt, g_scaled)
+    fast = x_scaled * inv_sqrt
+    ok = (pivot > SINGULAR_PIVOT[g.dtype]) & jnp.all(jnp.isfinite(fast))
+    return jax.lax.cond(ok, lambda: fast, lambda: _pinv_solve(e, g))
+
+
+def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
+    """``E G^+`` for ``E`` [m, d] and a summed Gram ``G``: full [d, d] or diagonal [d]. Returns float32 [m, d]."""
+    dtype = _compute_dtype(dtype)
+    e, gram = e.astype(dtype), gram.astype(dtype)
+    out = _diag_solve(e, gram) if gram.ndim == 1 else _full_solve(e, gram)
+    return out.astype(jnp.float32)
+
+
+def _weighted_sum(x: jax.Array, grams: jax.Array) -> jax.Array:
+    """``Σ_k X_k G_k`` for X [K, m, d] and Grams [K, d] or [K, d, d]."""
+    if is_diagonal(grams):
+        return jnp.einsum("kmd,kd->md", x, grams, precision=HIGHEST)
+    return jnp.einsum("kmd,kde->me", x, grams, precision=HIGHEST)
+
+
+def _check(x: jax.Array, grams: jax.Array, name: str, axis: int = -1):
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be client-stacked [K, ., .], got shape {x.shape}")
+    if grams.shape[0] != x.shape[0] or grams.shape[1] != x.shape[axis]:
+        raise ValueError(f"grams {grams.shape} do not match {name} {x.shape}: need K={x.shape[0]} clients and "
+                         f"d_in={x.shape[axis]}")
+
+
+def regmean(weights: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """RegMean: ``(Σ_k W_k G_k)(Σ_k G_k)^+``. weights [K, d_out, d_in], grams [K, d_in(, d_in)] → [d_out, d_in]."""
+    _check(weights, grams, "weights")
+    dtype = _compute_dtype(dtype)
+    weights, grams = weights.astype(dtype), grams.astype(dtype)
+    return solve_gram(_weighted_sum(weights, grams), grams.sum(0), dtype=dtype)
+
+
+def merge_lora_A(a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """LoRM merge of A with B shared: ``(Σ_k A_k G_k)(Σ_k G_k)^+``. a [K, r, d_in] → [r, d_in].
+
+    It minimises ``Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖²`` for any B of full column rank (B cancels from the normal
+    equations), which is why B is not an argument.
+    """
+    return regmean(a, grams, dtype=dtype)
+
+
+def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``. b [K, d_out, r], a [r, d_in] → [d_out, r].
+
+    Only an r×r system is solved; with diagonal Grams ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
+    """
+    if b.ndim != 3 or a.ndim != 2 or b.shape[2] != a.shape[0]:
+        raise ValueError(f"merge_lora_B needs b [K, d_out, r] and a [r, d_in], got {b.shape} and {a.shape}")
+    if grams.shape[0] != b.shape[0] or grams.shape[1] != a.shape[1]:
+        raise ValueError(f"grams {grams.shape} do not match K={b.shape[0]} clients and d_in={a.shape[1]}")
+    dtype = _compute_dtype(dtype)
+    b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
+    if is_diagonal(grams):
+        projected = jnp.einsum("rd,kd,sd->krs", a, grams, a, precision=HIGHEST)  # A G_k Aᵀ  [K, r, r]
+    else:
+        projected = jnp.einsum("rd,kde,se->krs", a, grams, a, precision=HIGHEST)
+    e = jnp.einsum("kor,krs->os", b, projected, precision=HIGHEST)
+    return solve_gram(e, projected.sum(0), dtype=dtype)
+
+
+def regmean_lowrank(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """RegMean of low-rank updates ``W_k = B_k A_k`` without materialising them per k: ``(Σ_k B_k A_k G_k)(Σ_k G_k)^+``.
+
+    b [K, d_out, r], a [K, r, d_in], grams [K, d_in(, d_in)] → [d_out, d_in]. This is LoRM's cross-task merge (k runs
+    over tasks, ``G_k`` summed over the clients of task k) and the ``regmean_lora`` baseline's round merge.
+    """
+    if b.ndim != 3 or a.ndim != 3 or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
+        raise ValueError(f"regmean_lowrank needs b [K, d_out, r] and a [K, r, d_in], got {b.shape} and {a.shape}")
+    _check(a, grams, "a")
+    dtype = _compute_dtype(dtype)
+    b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
+    e = jnp.einsum("kor,krd->od", b, _weighted_rows(a, grams), precision=HIGHEST)
+    return solve_gram(e, grams.sum(0), dtype=dtype)
+
+
+def _weighted_rows(a: jax.Array, grams: jax.Array) -> jax.Array:
+    """``A_k G_k`` per k: [K, r, d] for diagonal or full Grams."""
+    if is_diagonal(grams):
+        return a * grams[:, None, :]
+    return jnp.einsum("krd,kde->kre", a, grams, precision=HIGHEST)
+
+
+def fedavg(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Sample-weighted mean ``Σ_k w_k x_k / Σ_k w_k`` over the leading client axis (uniform when weights is None).
+
+    All-zero weights give zeros (no client contributed), never NaN.
+    """
+    if weights is None:
+        weights = jnp.ones(x.shape[0], jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape != (x.shape[0],):
+        raise ValueError(f"fedavg weights must be [K]={x.shape[0]}, got shape {weights.shape}")
+    total = weights.sum()
+    w = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
+    return jnp.tensordot(w, x.astype(jnp.float32), axes=1, precision=HIGHEST)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pytree level: every LoRA layer of a model in one call (what the server uses).
+
+def map_layers(fn: Callable, *trees: dict, sequential: bool = False) -> dict:
+    """Apply ``fn(*leaves)`` per layer path, compiling one body for each group of same-shaped layers.
+
+    Layers whose arguments have identical shapes are stacked and processed together: ``vmap`` by default (cheap,
+    branch-free), ``lax.map`` when ``sequential`` (used for full Grams, so the singular-matrix fallback in
+    :func:`solve_gram` stays a real branch instead of being evaluated for every layer).
+    """
+    paths = list(trees[0])
+    groups = collections.defaultdict(list)
+    for p in paths:
+        sig = tuple(jax.tree.map(lambda x: (x.shape, x.dtype), t[p]) for t in trees)
+        groups[str(sig)].append(p)
+    out = {}
+    for members in groups.values():
+        stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[t[p] for p in members]) for t in trees]
+        if len(members) == 1:
+            results = jax.tree.map(lambda x: x[None], fn(*[t[members[0]] for t in trees]))
+        elif sequential:
+            results = jax.lax.map(lambda args: fn(*args), tuple(stacked))
+        else:
+            results = jax.vmap(fn)(*stacked)
+        for i, p in enumerate(members):
+            out[p] = jax.tree.map(lambda x: x[i], results)
+    return {p: out[p] for p in paths}
+
+
+def _any_full(grams: dict, client_axis: bool) -> bool:
+    return any(g.ndim == 2 + client_axis for g in grams.values())
+
+
+def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) -> dict:
+    """Server merge of every LoRA layer after a round in which ``factor`` ("A" or "B") trained.
+
+    client_lora: ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}`` (the frozen factor is identical across clients);
+    grams: ``{path: [K, d_in] or [K, d_in, d_in]}``. Returns the unstacked merged LoRA ``{path: {"A": [r, d_in],
+    "B": [d_out, r]}}``: the trained factor merged in closed form, the frozen one passed through from client 0.
+    """
+    if factor == "A":
+        def fn(f, g):
+            return {"A": merge_lora_A(f["A"], g, dtype=dtype), "B": f["B"][0].astype(jnp.float32)}
+    elif factor == "B":
+        def fn(f, g):
+            return {"A": f["A"][0].astype(jnp.float32), "B": merge_lora_B(f["B"], f["A"][0], g, dtype=dtype)}
+    else:
+        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+    missing = set(client_lora) - set(grams)
+    if missing:
+        raise ValueError(f"no Gram for LoRA layers {sorted(missing)[:5]}")
+    grams = {p: grams[p] for p in client_lora}
+    return map_layers(fn, client_lora, grams, sequential=_any_full(grams, client_axis=True))
+
+
+def regmean_tree(weights: dict, grams: dict, *, dtype=None) -> dict:
+    """RegMean of every layer: ``{path: W [K, d_out, d_in]}``, ``{path: G}`` → ``{path: [d_out, d_in]}``."""
+    grams = {p: grams[p] for p in weights}
+    return map_layers(lambda w, g: regmean(w, g, dtype=dtype), weights, grams,
+                      sequential=_any_full(grams, client_axis=True))
+
+
+def solve_gram_tree(e: dict, grams: dict, *, dtype=None) -> dict:
+    """``{path: E G^+}`` for running sums ``E = Σ_τ ΔW_τ G_τ`` [d_out, d_in] and ``G = Σ_τ G_τ`` (cross-task merge)."""
+    grams = {p: grams[p] for p in e}
+    return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams, sequential=_any_full(grams, client_axis=False))
+
+
+def fedavg_tree(tree, weights: jax.Array | None = None):
+    """Sample-weighted mean over the leading client axis of every leaf of a client-stacked pytree."""
+    return jax.tree.map(lambda x: fedavg(x, weights), tree)

@@ -1,0 +1,269 @@
+"""The closed-form merges against an independent float64 least-squares solution, and their defining property."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lorm_jax import lora, merging
+
+
+def rel_err(x, ref):
+    return float(np.linalg.norm(np.asarray(x, np.float64) - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def make_problem(rng, K, d, n, kind, alpha=0.5, scales=None):
+    """Client inputs X_k [n, d] and the Grams the merge sees, plus 'effective inputs' Z_k with Z_kᵀ Z_k = G̃_k."""
+    xs = [rng.normal(size=(n, d)) * (scales if scales is not None else 1.0) for _ in range(K)]
+    grams = np.stack([x.T @ x for x in xs])
+    if kind == "full":
+        used, eff = grams, xs
+    elif kind == "diag":
+        used = np.stack([np.diagonal(g) for g in grams])
+        eff = [np.diag(np.sqrt(g)) for g in used]
+    elif kind == "shrunk":
+        used = np.stack([alpha * g + (1 - alpha) * np.diag(np.diagonal(g)) for g in grams])
+        eff = [np.linalg.cholesky(g).T for g in used]
+    else:
+        raise ValueError(kind)
+    return used, eff
+
+
+def lstsq_A(a_k, eff):
+    """argmin_A Σ_k ‖Z_k (A − A_k)ᵀ‖² by stacked min-norm least squares (float64)."""
+    z = np.concatenate(eff)
+    t = np.concatenate([zk @ ak.T for zk, ak in zip(eff, a_k)])
+    return np.linalg.lstsq(z, t, rcond=None)[0].T
+
+
+def lstsq_B(b_k, a, eff):
+    """argmin_B Σ_k ‖Z_k Aᵀ (B − B_k)ᵀ‖² (float64)."""
+    zs = [zk @ a.T for zk in eff]
+    t = np.concatenate([z @ bk.T for z, bk in zip(zs, b_k)])
+    return np.linalg.lstsq(np.concatenate(zs), t, rcond=None)[0].T
+
+
+CASES = list(itertools.product([1, 3, 10], [1, 4], ["full", "diag", "shrunk"]))
+
+
+@pytest.mark.parametrize("K,r,kind", CASES)
+def test_merge_A_matches_float64_lstsq(K, r, kind):
+    rng = np.random.default_rng(K * 100 + r)
+    d = 24
+    grams, eff = make_problem(rng, K, d, n=3 * d, kind=kind)
+    a_k = rng.normal(size=(K, r, d))
+    got = merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
+    assert got.dtype == jnp.float32 and got.shape == (r, d)
+    assert rel_err(got, lstsq_A(a_k, eff)) < 1e-4
+
+
+@pytest.mark.parametrize("K,r,kind", CASES)
+def test_merge_B_matches_float64_lstsq(K, r, kind):
+    rng = np.random.default_rng(K * 100 + r + 7)
+    d_in, d_out = 20, 13
+    grams, eff = make_problem(rng, K, d_in, n=3 * d_in, kind=kind)
+    a = rng.normal(size=(r, d_in)) / np.sqrt(d_in)
+    b_k = rng.normal(size=(K, d_out, r))
+    got = merging.merge_lora_B(jnp.asarray(b_k, jnp.float32), jnp.asarray(a, jnp.float32),
+                               jnp.asarray(grams, jnp.float32))
+    assert got.dtype == jnp.float32 and got.shape == (d_out, r)
+    assert rel_err(got, lstsq_B(b_k, a, eff)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "shrunk"])
+def test_regmean_matches_float64_lstsq(kind):
+    rng = np.random.default_rng(3)
+    K, d_in, d_out = 4, 16, 9
+    grams, eff = make_problem(rng, K, d_in, n=40, kind=kind)
+    w = rng.normal(size=(K, d_out, d_in))
+    got = merging.regmean(jnp.asarray(w, jnp.float32), jnp.asarray(grams, jnp.float32))
+    assert rel_err(got, lstsq_A(w, eff)) < 1e-4
+
+
+def objective_A(a, b, a_k, eff):
+    return sum(np.sum((zk @ (b @ a).T - zk @ (b @ ak).T) ** 2) for zk, ak in zip(eff, a_k))
+
+
+def objective_B(b, a, b_k, eff):
+    return sum(np.sum((zk @ (b @ a).T - zk @ (bk @ a).T) ** 2) for zk, bk in zip(eff, b_k))
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_merged_factors_minimise_response_matching(kind):
+    """Perturbing the merged factor in any direction never lowers Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖² (or the B analogue)."""
+    rng = np.random.default_rng(11)
+    K, r, d_in, d_out = 5, 3, 12, 10
+    grams, eff = make_problem(rng, K, d_in, n=30, kind=kind)
+    a_k, b = rng.normal(size=(K, r, d_in)), rng.normal(size=(d_out, r))
+    a = np.asarray(merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32)), np.float64)
+    b_k, a_shared = rng.normal(size=(K, d_out, r)), rng.normal(size=(r, d_in))
+    bm = np.asarray(merging.merge_lora_B(jnp.asarray(b_k, jnp.float32), jnp.asarray(a_shared, jnp.float32),
+                                         jnp.asarray(grams, jnp.float32)), np.float64)
+    base_a, base_b = objective_A(a, b, a_k, eff), objective_B(bm, a_shared, b_k, eff)
+    for _ in range(20):
+        for eps in (1e-2, 1e-1):
+            da, db = rng.normal(size=a.shape), rng.normal(size=bm.shape)
+            assert objective_A(a + eps * da, b, a_k, eff) >= base_a * (1 - 1e-6)
+            assert objective_B(bm + eps * db, a_shared, b_k, eff) >= base_b * (1 - 1e-6)
+
+
+def test_zero_columns_give_zero_not_nan():
+    """A feature no client saw (zero Gram row/column) gets 0 in that column, as the pseudo-inverse does."""
+    rng = np.random.default_rng(5)
+    K, r, d = 3, 2, 10
+    xs = [rng.normal(size=(30, d)) for _ in range(K)]
+    for x in xs:
+        x[:, [2, 7]] = 0.0
+    grams = np.stack([x.T @ x for x in xs])
+    a_k = rng.normal(size=(K, r, d))
+    want = np.einsum("krd,kde->re", a_k, grams) @ np.linalg.pinv(grams.sum(0), rcond=1e-15)
+    for g in (grams, np.stack([np.diagonal(x) for x in grams])):
+        got = np.asarray(merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(g, jnp.float32)))
+        assert np.all(np.isfinite(got))
+        assert np.all(got[:, [2, 7]] == 0)
+        if g.ndim == 3:
+            assert rel_err(got, want) < 1e-4
+
+
+def test_rank_deficient_gram_equals_pinv_solution():
+    """Σ G singular (fewer samples than features, collinear features): the minimum-norm pinv solution, finite."""
+    rng = np.random.default_rng(6)
+    K, r, d = 2, 3, 16
+    xs = [rng.normal(size=(5, d)) for _ in range(K)]  # rank(Σ G) = 10 < 16
+    xs[0][:, 4] = xs[0][:, 3]  # an exactly collinear pair on top
+    grams = np.stack([x.T @ x for x in xs])
+    a_k = rng.normal(size=(K, r, d))
+    want = np.einsum("krd,kde->re", a_k, grams) @ np.linalg.pinv(grams.sum(0), rcond=1e-15)
+    got = merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(got)))
+    assert rel_err(got, want) < 1e-3
+    b_k = rng.normal(size=(K, 7, r))
+    a_low = np.concatenate([rng.normal(size=(2, d)), np.zeros((1, d))])  # rank-deficient A ⇒ A ΣG Aᵀ singular
+    proj = np.einsum("rd,kde,se->krs", a_low, grams, a_low)
+    want_b = np.einsum("kor,krs->os", b_k, proj) @ np.linalg.pinv(proj.sum(0), rcond=1e-15)
+    got_b = merging.merge_lora_B(jnp.asarray(b_k, jnp.float32), jnp.asarray(a_low, jnp.float32),
+                                 jnp.asarray(grams, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(got_b)))
+    assert rel_err(got_b, want_b) < 1e-3
+
+
+def test_all_zero_grams_give_zeros():
+    a_k = jnp.ones((3, 2, 5))
+    for g in (jnp.zeros((3, 5)), jnp.zeros((3, 5, 5))):
+        assert np.all(np.asarray(merging.merge_lora_A(a_k, g)) == 0)
+
+
+def test_single_client_is_identity_when_gram_invertible():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(50, 12))
+    a = rng.normal(size=(1, 4, 12)).astype(np.float32)
+    for g in (x.T @ x, np.diagonal(x.T @ x)):
+        got = merging.merge_lora_A(jnp.asarray(a), jnp.asarray(g[None], jnp.float32))
+        np.testing.assert_allclose(np.asarray(got), a[0], rtol=1e-4, atol=1e-5)
+
+
+def test_badly_scaled_features_stay_accurate():
+    """Feature scales from 1e-3 to 1e3: Jacobi scaling keeps the float32 Cholesky path accurate."""
+    rng = np.random.default_rng(9)
+    scales = np.logspace(-3, 3, 20)
+    grams, eff = make_problem(rng, 4, 20, n=60, kind="full", scales=scales)
+    a_k = rng.normal(size=(4, 2, 20))
+    got = merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
+    assert rel_err(got, lstsq_A(a_k, eff)) < 1e-4
+
+
+def test_shrink_gram():
+    g = jnp.asarray(np.arange(9.0).reshape(3, 3))
+    np.testing.assert_allclose(merging.shrink_gram(g, 0.25), 0.25 * g + 0.75 * jnp.diag(jnp.diagonal(g)))
+    np.testing.assert_allclose(merging.shrink_gram(g, 0.0), jnp.diag(jnp.diagonal(g)))
+    np.testing.assert_allclose(merging.shrink_gram(jnp.stack([g, 2 * g]), 1.0), jnp.stack([g, 2 * g]))
+    with pytest.raises(ValueError, match="d, d"):
+        merging.shrink_gram(jnp.ones((3, 4)), 0.5)
+
+
+def test_fedavg():
+    x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]])
+    np.testing.assert_allclose(merging.fedavg(x, jnp.asarray([1.0, 3.0])), [2.5, 5.0])
+    np.testing.assert_allclose(merging.fedavg(x), [2.0, 4.0])
+    assert np.all(np.asarray(merging.fedavg(x, jnp.zeros(2))) == 0)
+
+
+def test_jit_and_vmap_over_layers():
+    rng = np.random.default_rng(10)
+    a = jnp.asarray(rng.normal(size=(6, 3, 2, 8)), jnp.float32)  # 6 layers × 3 clients
+    g = jnp.asarray(rng.uniform(0.1, 2.0, size=(6, 3, 8)), jnp.float32)
+    gf = jnp.einsum("lkd,de->lkde", g, jnp.eye(8))
+    batched = jax.jit(jax.vmap(merging.merge_lora_A))(a, g)
+    batched_full = jax.jit(jax.vmap(merging.merge_lora_A))(a, gf)
+    for i in range(6):
+        np.testing.assert_allclose(batched[i], merging.merge_lora_A(a[i], g[i]), rtol=1e-6)
+        np.testing.assert_allclose(batched_full[i], batched[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gram_kind", ["diag", "full"])
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_merge_lora_tree_matches_per_layer(factor, gram_kind):
+    rng = np.random.default_rng(12)
+    shapes = {"b0/qkv": (12, 4), "b0/fc1": (8, 4), "b0/fc2": (4, 8), "b1/qkv": (12, 4), "b1/fc1": (8, 4)}
+    K = 3
+    clients = [lora.init(jax.random.PRNGKey(0), shapes, rank=2) for _ in range(K)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *clients)
+    stacked = jax.tree.map(lambda x: x + (0.1 * rng.normal(size=x.shape)).astype(np.float32) if factor else x, stacked)
+    if factor == "A":  # the frozen factor is shared
+        stacked = {p: {"A": f["A"], "B": jnp.broadcast_to(f["B"][:1], f["B"].shape)} for p, f in stacked.items()}
+    else:
+        stacked = {p: {"A": jnp.broadcast_to(f["A"][:1], f["A"].shape), "B": f["B"]} for p, f in stacked.items()}
+    grams = {}
+    for p, (d_out, d_in) in shapes.items():
+        x = rng.normal(size=(K, 20, d_in))
+        full = np.einsum("kni,knj->kij", x, x)
+        grams[p] = jnp.asarray(full if gram_kind == "full" else np.einsum("kii->ki", full), jnp.float32)
+    merged = jax.jit(lambda c, g: merging.merge_lora_tree(c, g, factor))(stacked, grams)
+    assert sorted(merged) == sorted(shapes)
+    for p, f in stacked.items():
+        if factor == "A":
+            want = merging.merge_lora_A(f["A"], grams[p])
+            np.testing.assert_array_equal(merged[p]["B"], f["B"][0])
+        else:
+            want = merging.merge_lora_B(f["B"], f["A"][0], grams[p])
+            np.testing.assert_array_equal(merged[p]["A"], f["A"][0])
+        np.testing.assert_allclose(merged[p][factor], want, rtol=1e-5, atol=1e-6)
+
+
+def test_solve_gram_tree_cross_task():
+    """Cross-task RegMean from running sums: S_WG G^+ with S_WG = Σ_τ ΔW_τ G_τ, G = Σ_τ G_τ."""
+    rng = np.random.default_rng(13)
+    deltas = rng.normal(size=(3, 5, 6))
+    g = rng.uniform(0.5, 2.0, size=(3, 6))
+    s_wg = np.einsum("tod,td->od", deltas, g)
+    got = merging.solve_gram_tree({"l": jnp.asarray(s_wg, jnp.float32)}, {"l": jnp.asarray(g.sum(0), jnp.float32)})
+    want = np.asarray(merging.regmean(jnp.asarray(deltas, jnp.float32), jnp.asarray(g, jnp.float32)))
+    np.testing.assert_allclose(got["l"], want, rtol=1e-5)
+
+
+def test_shape_errors_name_the_problem():
+    with pytest.raises(ValueError, match="do not match"):
+        merging.merge_lora_A(jnp.ones((3, 2, 5)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="merge_lora_B"):
+        merging.merge_lora_B(jnp.ones((3, 4, 2)), jnp.ones((3, 5)), jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match="factor"):
+        merging.merge_lora_tree({}, {}, "C")
+
+
+def test_float64_option():
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            merging.merge_lora_A(jnp.ones((2, 1, 3)), jnp.ones((2, 3)), dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+def test_regmean_lowrank_equals_regmean_of_products(kind):
+    rng = np.random.default_rng(14)
+    T, d_out, r, d_in = 3, 7, 2, 9
+    b, a = rng.normal(size=(T, d_out, r)), rng.normal(size=(T, r, d_in))
+    grams, _ = make_problem(rng, T, d_in, n=30, kind=kind)
+    want = merging.regmean(jnp.asarray(np.einsum("tor,trd->tod", b, a), jnp.float32), jnp.asarray(grams, jnp.float32))
+    got = merging.regmean_lowrank(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32),
+                                  jnp.asarray(grams, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
