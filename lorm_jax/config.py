@@ -12,8 +12,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42                       # every random draw is a fold_in chain of (seed, task, round, client, step)
-    c.method = "lorm"
-    c.method_options = ml_collections.ConfigDict({"train_matrix": "alt"})  # alt | A | B
+    c.method = "lorm"                 # lorm | lorm_a | lorm_b | linear_probe (see lorm_jax.methods)
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.name = "tiny_vit"      # see lorm_jax.backbones.NAMES
@@ -22,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic_images"  # see lorm_jax.data.datasets
     c.data.options = ml_collections.ConfigDict()
+    c.data.max_classes = 0            # 0 = all; else keep the N classes with the most training samples
     c.data.n_train_per_class = 0      # 0 = all; else a deterministic per-class subsample
     c.data.n_test_per_class = 0
     c.data.classes_per_task = 2       # int (equal tasks) or a tuple of task sizes
@@ -30,8 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.beta = 0.5                 # Dirichlet concentration (smaller = more label skew)
     c.data.min_samples = 6            # redraw the task's partition until every client has this many (reference: 6)
     c.data.classes_per_client = 2     # quantity mode
-    c.data.augment = "rrc"            # rrc (random resized crop + flip) | flip | none
+    c.data.augment = "rrc"            # rrc (random resized crop + flip) | crop (resize, random crop, flip) | flip | none
     c.data.crop_scale = (0.08, 1.0)
+    c.data.interpolation = "bilinear"  # bilinear | bicubic (the reference resamples bicubically)
     c.data.test_resize_ratio = 0.0    # 0 = plain resize; e.g. 256/224 = resize then centre crop (reference)
     c.data.mean = ()                  # () = the backbone's native normalisation
     c.data.std = ()
@@ -75,12 +76,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in positive_ints:
         if not isinstance(c[key], int) or c[key] < 1:
             _fail(key, c[key], "must be an integer >= 1")
+    from lorm_jax import methods
+    if c.method not in methods.NAMES:
+        _fail("method", c.method, f"one of {list(methods.NAMES)}")
     if c.data.beta <= 0:
         _fail("data.beta", c.data.beta, "the Dirichlet concentration must be > 0")
     if c.data.partition not in ("dirichlet", "quantity", "iid"):
         _fail("data.partition", c.data.partition, "one of dirichlet, quantity, iid")
-    if c.data.augment not in ("rrc", "flip", "none"):
-        _fail("data.augment", c.data.augment, "one of rrc, flip, none")
+    if c.data.augment not in ("rrc", "crop", "flip", "none"):
+        _fail("data.augment", c.data.augment, "one of rrc, crop, flip, none")
+    if c.data.interpolation not in ("bilinear", "bicubic"):
+        _fail("data.interpolation", c.data.interpolation, "bilinear or bicubic")
     if c.gram_network not in ("filler", "trained"):
         _fail("gram_network", c.gram_network, "one of filler (reference), trained")
     for key in ("alpha_backbone", "alpha_head"):
@@ -94,3 +100,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("merge_dtype", c.merge_dtype, "float32 or float64")
     if len(c.data.mean) != len(c.data.std):
         _fail("data.mean", c.data.mean, "give data.mean and data.std together (or neither)")
+
+
+def load_sibling(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of the config file ``name`` next to ``this_file`` (config files build on each other)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+    spec = importlib.util.spec_from_file_location(f"lorm_jax_config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)

@@ -122,17 +122,24 @@ def _make_prepare(config, backbone, kind: str) -> Callable:
         return prepare
     mean = tuple(config.data.mean) or backbone.mean
     std = tuple(config.data.std) or backbone.std
-    size = backbone.image_size
-    crop = tuple(config.data.crop_scale) if config.data.augment == "rrc" else None
-    flip = config.data.augment in ("rrc", "flip")
+    size, mode, method = backbone.image_size, config.data.augment, config.data.interpolation
     ratio = config.data.test_resize_ratio or None
+
+    def train_view(key, images):
+        if mode == "crop":  # Resize(round(size·ratio)) + RandomCrop(size) + flip (reference CUB-200)
+            big = augment.resize(augment.to_float(images), int(round(size * (ratio or 1.0))), method=method)
+            keys = jax.random.split(key, 2 * images.shape[0]).reshape(2, images.shape[0], -1)
+            crops = jax.vmap(lambda k, im: augment.random_crop(k, im, size))(keys[0], big)
+            return jax.vmap(augment.random_flip)(keys[1], crops)
+        return augment.train_transform(key, images, size, crop_scale=tuple(config.data.crop_scale) if mode == "rrc"
+                                       else None, flip=mode in ("rrc", "flip"), method=method)
 
     def prepare(data, idx, key, train):
         images = data["x"][idx]
-        if train and config.data.augment != "none":
-            x = augment.train_transform(key, images, size, crop_scale=crop, flip=flip)
+        if train and mode != "none":
+            x = train_view(key, images)
         else:
-            x = augment.test_transform(images, size, resize_ratio=ratio)
+            x = augment.test_transform(images, size, resize_ratio=ratio, method=method)
         return augment.normalize(x, mean, std), data["y"][idx]
     return prepare
 
@@ -153,6 +160,9 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
     c = config
     backbone = backbones.get(c.backbone.name, **c.backbone.options.to_dict())
     ds = data_lib.load(c.data.name, **c.data.options.to_dict())
+    if 0 < c.data.max_classes < ds.num_classes:
+        largest = np.argsort(-ds.counts("train"), kind="stable")[:c.data.max_classes]
+        ds = data_lib.select_classes(ds, np.sort(largest))
     if c.data.n_train_per_class or c.data.n_test_per_class:
         ds = data_lib.subsample_per_class(ds, c.data.n_train_per_class or None, c.data.n_test_per_class or None, c.seed)
     if (ds.kind == "text") != (backbone.kind == "text"):
@@ -183,7 +193,7 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
                  task_train=task_train, task_test=task_test, partitions=partitions,
                  train_steps=max(1, c.epochs * math.ceil(largest / c.batch_size)),
                  gram_steps=max(1, c.gram_passes * math.ceil(largest / gram_bs)),
-                 fns=fns, method=methods.get(c.method, **c.method_options.to_dict()))
+                 fns=fns, method=methods.get(c.method, c))
 
 
 def partition_digest(setup: Setup) -> str:
@@ -261,16 +271,17 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     """One communication round: local training (vmap over clients), Gram statistics, server merge."""
     c, method = setup.config, setup.method
     clients = np.arange(c.num_clients)
-    factor = method.train_factor(rnd)
-    lr_factor = {"A": c.lr_a, "B": c.lr_b}[factor]
+    factor = method.train_factor(rnd)  # "A", "B", "AB" or "" (head only)
+    lr_factor = {"A": c.lr_a, "B": c.lr_b}.get(factor, -1.0)
     lr_factor = c.lr if lr_factor < 0 else lr_factor
+    phase = jnp.asarray([float("A" in factor), float("B" in factor)])
     idx, mask = _schedule(setup, task, rnd, TRAIN_STREAM, c.batch_size, c.epochs, setup.train_steps, shuffle=True)
     keys = client_keys(c.seed, task, rnd, clients, TRAIN_STREAM)
     task_classes = jnp.asarray(_task_rows(setup, task))
     out = federated.run_chunked(
         setup.fns.train, (jnp.asarray(idx), jnp.asarray(mask), keys),
         (setup.backbone.params, setup.train, state["lora"], state["head"]),
-        (factor == "A", jnp.float32(lr_factor), task_classes), c.client_chunk)
+        (phase, jnp.float32(lr_factor), task_classes), c.client_chunk)
     num_samples = np.asarray([len(p) for p in setup.partitions[task]], np.float32)
     finite = np.asarray(out["finite"])
     weights = np.where(finite, num_samples, 0.0)
@@ -448,6 +459,14 @@ def _write_partition_info(workdir: str, setup: Setup, digest: str) -> None:
         json.dump(info, f)
 
 
+def _data_split(name: str):
+    """Seed and checksums of our own train/test split of a TFDS dataset (None for datasets with a fixed split)."""
+    if not name.startswith("tfds/"):
+        return None
+    from lorm_jax.data import tfds_data
+    return tfds_data.split_info(name)
+
+
 def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
     acc = np.asarray(state["acc"])
     sizes = np.asarray([len(t) for t in setup.task_test])
@@ -455,7 +474,8 @@ def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
                "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in acc],
                "num_tasks": setup.num_tasks, "classes_per_task": np.diff(setup.offsets).tolist(),
                "test_sizes": sizes.tolist(), "dataset": setup.dataset.name, "backbone": setup.backbone.name,
-               "backbone_source": setup.backbone.source, "config": _config_json(setup.config)}
+               "backbone_source": setup.backbone.source, "data_split": _data_split(setup.dataset.name),
+               "config": _config_json(setup.config)}
     with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2)
     os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))

@@ -72,7 +72,7 @@ def _select(active, new, old):
 @dataclasses.dataclass(frozen=True)
 class ClientFunctions:
     """The jitted, vmapped client-side programs of one experiment (built once by :func:`build_client_functions`)."""
-    train: Callable      # (frozen, data, lora0, head0, idx, mask, keys, train_a, lr_factor, class_mask) -> dict
+    train: Callable      # (frozen, data, lora0, head0, idx, mask, keys, phase [2], lr_factor, class_mask) -> dict
     grams: Callable      # (gram_params, data, lora [K...], idx, mask, keys, lora_scale) -> (grams, head_grams, counts)
     evaluate: Callable   # (params, lora, head, data, idx [B], class_mask) -> (predictions [B], labels [B])
 
@@ -91,10 +91,13 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
         features, _ = backbone.apply(frozen, params["lora"], inputs)
         return masked_cross_entropy(head_logits(params["head"], features), labels, class_mask, weights)
 
-    def local_train(frozen, data, lora0, head0, idx, mask, key, train_a, lr_factor, class_mask):
-        """Local training of one client: ``lax.scan`` over its (padded) steps. Returns trained params and stats."""
+    def local_train(frozen, data, lora0, head0, idx, mask, key, phase, lr_factor, class_mask):
+        """Local training of one client: ``lax.scan`` over its (padded) steps. Returns trained params and stats.
+
+        ``phase`` [2] = (train A, train B) as 0/1 floats: which LoRA factors move (the head always trains).
+        """
         params = {"lora": lora0, "head": head0}
-        phase = lora_lib.phase_mask(lora0, train_a)
+        phase = lora_lib.phase_mask(lora0, phase[0], phase[1])
         tx = make_optimizer(lr_factor, lr_head, weight_decay)
         opt_state = tx.init(params)
 

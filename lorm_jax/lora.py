@@ -61,15 +61,17 @@ def rank(lora: LoRA) -> int:
     return ranks.pop()
 
 
-def phase_mask(lora: LoRA, train_a) -> LoRA:
-    """0/1 pytree (same structure and shapes as ``lora``) that is 1 on the factor that trains.
+def phase_mask(lora: LoRA, train_a, train_b=None) -> LoRA:
+    """0/1 pytree (same structure and shapes as ``lora``) that is 1 on the factor(s) that train.
 
-    ``train_a`` may be a Python bool or a traced scalar: ``mask["A"] = train_a``, ``mask["B"] = 1 - train_a``.
-    Multiplying gradients and optimizer updates by it freezes the other factor without retracing.
+    ``train_a`` / ``train_b`` may be Python bools or traced scalars (``train_b`` defaults to ``1 - train_a``):
+    ``mask["A"] = train_a``, ``mask["B"] = train_b``. Multiplying gradients and optimizer updates by it freezes the
+    other factor without retracing when the phase flips.
     """
     on_a = jnp.asarray(train_a, jnp.float32)
+    on_b = 1.0 - on_a if train_b is None else jnp.asarray(train_b, jnp.float32)
     return {p: {"A": jnp.broadcast_to(on_a, f["A"].shape).astype(f["A"].dtype),
-                "B": jnp.broadcast_to(1.0 - on_a, f["B"].shape).astype(f["B"].dtype)} for p, f in lora.items()}
+                "B": jnp.broadcast_to(on_b, f["B"].shape).astype(f["B"].dtype)} for p, f in lora.items()}
 
 
 def select_factor(lora: LoRA, factor: str) -> dict[str, jax.Array]:

@@ -20,6 +20,13 @@ import jax.numpy as jnp
 from lorm_jax import merging
 
 
+def merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype=jnp.float32):
+    """RegMean of the head weight over clients, sample-weighted mean of its bias; rows outside ``task_rows`` kept."""
+    w = merging.regmean(client_heads["w"], head_grams, dtype=dtype)
+    b = merging.fedavg(client_heads["b"], num_samples)
+    return {"w": jnp.where(task_rows[:, None], w, server_head["w"]), "b": jnp.where(task_rows, b, server_head["b"])}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRM:
     """The LoRM strategy. ``train_matrix``: "alt" (paper), "A" or "B" (train only that factor)."""
@@ -46,11 +53,7 @@ class LoRM:
         """
         dtype = jnp.dtype(self.merge_dtype)
         lora = merging.merge_lora_tree(client_lora, grams, factor, dtype=dtype)
-        w = merging.regmean(client_heads["w"], head_grams, dtype=dtype)
-        b = merging.fedavg(client_heads["b"], num_samples)
-        head = {"w": jnp.where(task_rows[:, None], w, server_head["w"]),
-                "b": jnp.where(task_rows, b, server_head["b"])}
-        return lora, head
+        return lora, merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype)
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks: int):
         """Dense evaluation deltas ``{path: [d_out, d_in]}`` from the first ``num_tasks`` finished tasks.

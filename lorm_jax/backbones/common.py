@@ -1,0 +1,304 @@
+"""Pieces shared by every backbone: the :class:`Backbone` record, the LoRA dense layer, Gram statistics, ``add_delta``.
+
+Conventions (paper layout, see ``lorm_jax/lora.py``):
+
+* A linear layer is ``y = W x + b`` with ``W ∈ R^{d_out×d_in}``; Flax stores ``kernel = Wᵀ`` of shape ``[d_in, d_out]``.
+* LoRA on that layer adds ``ΔW = B A`` (``A: [r, d_in]``, ``B: [d_out, r]``, no α/r scaling) and is applied without ever
+  forming ``W + B A``::
+
+      y = x @ kernel + b + (x @ Aᵀ) @ Bᵀ                x: [..., d_in]
+
+* The Gram of a layer is the second moment of its *input* over every row (all tokens of all examples)::
+
+      "full":  G = Σ_n w_n x_n x_nᵀ   [d_in, d_in]          "diag":  g = Σ_n w_n x_n ⊙ x_n   [d_in]
+
+  with ``[B, T, d_in]`` flattened to ``[B·T, d_in]`` and ``w_n`` the row weight (example weight × attention mask).
+
+LoRA factors enter a model as the Flax variable collection ``"lora"`` (same nesting as the ``"params"`` of the dense
+layer they modify) and Grams leave it through the ``"grams"`` collection, so a LoRA path ``"block_03/mlp/fc1"`` is
+literally the Flax module path of that layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+HIGHEST = jax.lax.Precision.HIGHEST
+GRAM_MODES = (None, "diag", "full")
+QKV_MODES = ("fused", "separate")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MissingAssetError(RuntimeError):
+    """A pretrained-weight package (or the package needed to read it) is not installed; the message says how to fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The record the engine works with.
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hash/compare by identity, so a Backbone can be a static arg.
+class Backbone:
+    """A frozen pretrained transformer with LoRA on every linear layer of every block.
+
+    ``apply`` and ``add_delta`` are pure functions of their arguments (``self`` only holds static structure), so they
+    can be jitted, differentiated w.r.t. ``lora`` and vmapped over a leading client axis of ``lora``.
+    """
+    name: str
+    kind: str                                   # "image" or "text"
+    params: Any                                 # frozen pytree (nested dict of float32 arrays)
+    lora_shapes: dict[str, tuple[int, int]]     # LoRA path -> (d_out, d_in), paper layout, sorted = depth order
+    feature_dim: int
+    source: str
+    image_size: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    tokenize: Callable | None = None            # text: tokenize(list[str], max_len) -> {"input_ids", "attention_mask"}
+    module: nn.Module | None = dataclasses.field(default=None, repr=False)  # the Flax module behind ``apply``
+
+    def apply(self, params, lora, inputs, *, gram=None, weights=None):
+        """Features (and optionally per-layer input Grams) of a batch.
+
+        Args:
+          params: frozen pytree with the structure of ``self.params``.
+          lora: ``{path: {"A": [r, d_in], "B": [d_out, r]}}`` for exactly ``self.lora_shapes``, or ``None``.
+          inputs: image: float32 ``[B, H, W, 3]`` (NHWC, already normalised with ``mean``/``std``, ``H = W =
+            image_size``); text: ``{"input_ids": int [B, T], "attention_mask": int [B, T]}``.
+          gram: ``None`` (no statistics), ``"diag"`` (``[d_in]`` per layer) or ``"full"`` (``[d_in, d_in]``).
+          weights: optional float ``[B]`` per-example row weight for the Grams (0 for padded examples; default 1).
+            Text rows are further multiplied by the token's attention mask. Does not affect ``features``.
+
+        Returns:
+          ``(features float32 [B, feature_dim], grams)`` with ``grams = {}`` when ``gram is None``, else
+          ``{path: G}`` for every path in ``lora_shapes``, accumulated in float32.
+        """
+        if gram not in GRAM_MODES:
+            raise ValueError(f"gram must be one of {GRAM_MODES}, got {gram!r}")
+        self._check_inputs(inputs)
+        variables = {"params": params}
+        if lora is not None:
+            check_lora(lora, self.lora_shapes)
+            variables["lora"] = traverse_util.unflatten_dict({tuple(p.split("/")): f for p, f in lora.items()})
+        if gram is None:
+            return self.module.apply(variables, inputs, gram=None, weights=weights), {}
+        features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, mutable=["grams"])
+        grams = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"]).items()}
+        return features, dict(sorted(grams.items()))
+
+    def add_delta(self, params, deltas: Mapping[str, jax.Array]):
+        """``params`` with ``W ← W + ΔW`` on each layer of ``deltas = {path: ΔW [d_out, d_in]}`` (any subset)."""
+        return add_delta(params, deltas, self.lora_shapes)
+
+    def _check_inputs(self, inputs):
+        if self.kind == "image":
+            shape = getattr(inputs, "shape", None)
+            if shape is None or len(shape) != 4 or shape[-1] != 3:
+                raise ValueError(f"{self.name}: expected images [B, H, W, 3] (NHWC), got shape {shape}")
+            if self.image_size is not None and tuple(shape[1:3]) != (self.image_size, self.image_size):
+                raise ValueError(f"{self.name} was built for {self.image_size}x{self.image_size} images, got "
+                                 f"{shape[1]}x{shape[2]}; rebuild it with backbones.get(..., image_size={shape[1]})")
+        else:
+            if not isinstance(inputs, Mapping) or not {"input_ids", "attention_mask"} <= set(inputs):
+                raise ValueError(f"{self.name}: expected a dict with 'input_ids' and 'attention_mask' [B, T]")
+
+
+def check_lora(lora, lora_shapes):
+    """Raise a readable error unless ``lora`` has exactly the paths of ``lora_shapes`` with matching factor shapes."""
+    missing, unexpected = sorted(set(lora_shapes) - set(lora)), sorted(set(lora) - set(lora_shapes))
+    if missing or unexpected:
+        more = lambda xs: "..." if len(xs) > 4 else ""  # noqa: E731
+        raise ValueError(f"LoRA paths do not match the backbone: missing {missing[:4]}{more(missing)}, "
+                         f"unexpected {unexpected[:4]}{more(unexpected)}")
+    for path, (d_out, d_in) in lora_shapes.items():
+        a, b = lora[path]["A"], lora[path]["B"]
+        if a.shape[-1] != d_in or b.shape[-2] != d_out or a.shape[-2] != b.shape[-1]:
+            raise ValueError(f"LoRA {path!r}: A {a.shape} / B {b.shape} do not fit a layer with (d_out, d_in) = "
+                             f"{(d_out, d_in)}; expected A [r, {d_in}], B [{d_out}, r]")
+
+
+def add_delta(params, deltas, lora_shapes):
+    """``kernel ← kernel + ΔWᵀ`` for each ``path -> ΔW [..., d_out, d_in]`` in ``deltas`` (leading axes broadcast)."""
+    unknown = sorted(set(deltas) - set(lora_shapes))
+    if unknown:
+        raise ValueError(f"add_delta: unknown layer paths {unknown}; valid paths are the keys of lora_shapes")
+    flat = traverse_util.flatten_dict(params)
+    for path, dw in deltas.items():
+        if tuple(dw.shape[-2:]) != tuple(lora_shapes[path]):
+            raise ValueError(f"add_delta: ΔW for {path!r} has shape {dw.shape}, expected [..., d_out, d_in] = "
+                             f"{lora_shapes[path]}")
+        key = (*path.split("/"), "kernel")
+        flat[key] = flat[key] + jnp.swapaxes(dw, -1, -2).astype(flat[key].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_shapes_of(params) -> dict[str, tuple[int, int]]:
+    """``{path: (d_out, d_in)}`` of every dense kernel inside a transformer block (``block_*``), sorted by path."""
+    flat = traverse_util.flatten_dict(params)
+    shapes = {"/".join(k[:-1]): (int(v.shape[1]), int(v.shape[0])) for k, v in flat.items()
+              if k[0].startswith("block_") and k[-1] == "kernel" and v.ndim == 2}
+    return dict(sorted(shapes.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers.
+# ----------------------------------------------------------------------------------------------------------------------
+
+class GramSpec(NamedTuple):
+    """What a LoRA layer records: ``mode`` ("diag" / "full") and the row weights ``row_w [B, T]`` (None = all 1)."""
+    mode: str
+    row_w: jax.Array | None
+
+
+def layer_gram(x, spec: GramSpec):
+    """Gram of a layer input ``x [..., d]`` over all rows, in float32: ``Σ w x²`` ("diag") or ``Σ w x xᵀ`` ("full").
+
+    Both are dots (precision HIGHEST) rather than reductions, so the result does not depend on XLA's fusion choices
+    (see :class:`LayerNorm`); "diag" is the vector-matrix product ``w @ (x ⊙ x)`` and never forms a d×d matrix.
+    """
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    w = jnp.ones((x.shape[0],), jnp.float32) if spec.row_w is None else spec.row_w.reshape(-1).astype(jnp.float32)
+    if spec.mode == "diag":
+        return jnp.matmul(w, x * x, precision=HIGHEST)
+    return jnp.matmul((x * w[:, None]).T, x, precision=HIGHEST)
+
+
+def dot(x, w, dtype):
+    """``x @ w`` computed in ``dtype`` with a float32 result."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class LoRADense(nn.Module):
+    """``y = x @ kernel + b + (x @ Aᵀ) @ Bᵀ``; x: [..., d_in] -> y: float32 [..., features].
+
+    ``A``/``B`` are read from the ``"lora"`` collection when present (plain dense layer otherwise). With a GramSpec the
+    layer also sows the Gram of its input ``x`` into the ``"grams"`` collection.
+    """
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x, spec: GramSpec | None = None):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # 2-D dots: XLA:CPU runs the backward of [B, T, d] dots ~3x slower
+        y = dot(x, kernel, self.dtype) + bias
+        if self.has_variable("lora", "A"):
+            a, b = self.get_variable("lora", "A"), self.get_variable("lora", "B")
+            y = y + dot(dot(x, a.T, self.dtype), b.T, self.dtype)
+        if spec is not None:
+            self.sow("grams", "gram", layer_gram(x, spec), init_fn=lambda: 0.0, reduce_fn=lambda acc, g: acc + g)
+        return y.reshape(*lead, self.features)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with LoRA on q, k, v (fused ``qkv`` [d, 3d] or separate ``q``/``k``/``v``) and ``out``.
+
+    ``softmax(q kᵀ / √d_head + mask) v`` per head; x: [B, T, d], mask: optional [B, T] (1 = attend to this key).
+    The fused kernel's columns are ``[q heads | k heads | v heads]`` (the timm / reference ``qkv`` layout).
+    """
+    heads: int
+    qkv: str = "fused"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, spec: GramSpec | None = None):
+        b, t, d = x.shape
+        hd = d // self.heads
+        if self.qkv == "fused":
+            q, k, v = jnp.split(LoRADense(3 * d, self.dtype, name="qkv")(x, spec), 3, axis=-1)
+        else:
+            q, k, v = (LoRADense(d, self.dtype, name=n)(x, spec) for n in ("q", "k", "v"))
+        q, k, v = (z.reshape(b, t, self.heads, hd).astype(self.dtype) for z in (q, k, v))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bhqk,bkhc->bqhc", probs, v, preferred_element_type=jnp.float32).reshape(b, t, d)
+        return LoRADense(d, self.dtype, name="out")(o, spec)
+
+
+class Mlp(nn.Module):
+    """``fc2(gelu(fc1(x)))`` with exact (erf) GELU; x: [..., d] -> [..., d]."""
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, spec: GramSpec | None = None):
+        h = nn.gelu(LoRADense(self.hidden, self.dtype, name="fc1")(x, spec), approximate=False)
+        return LoRADense(x.shape[-1], self.dtype, name="fc2")(h, spec)
+
+
+class LayerNorm(nn.Module):
+    """``y = (x − μ) / √(σ² + ε) ⊙ scale + bias`` over the last axis (two-pass variance, as torch).
+
+    μ and σ² are matrix-vector products with a ones vector (precision HIGHEST) rather than ``reduce`` ops: XLA then
+    materialises ``x`` before taking the statistics, so they cannot depend on what was fused into ``x``. Without this,
+    XLA:CPU compiles ``mean(h + W x + b)`` and ``mean(h + W x + b + 0)`` to differently ordered sums and a LoRA model
+    with ``B = 0`` would differ from the plain model in the last bit.
+    """
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        ones = jnp.ones((d,), x.dtype)
+        mu = jnp.matmul(x, ones, precision=HIGHEST)[..., None] / d
+        xc = x - mu
+        var = jnp.matmul(xc * xc, ones, precision=HIGHEST)[..., None] / d
+        return xc * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def layer_norm(eps, name):
+    return LayerNorm(epsilon=eps, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building helpers used by the loaders.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def fuse_qkv(params: dict) -> dict:
+    """Separate ``attn/{q,k,v}`` dense params -> one fused ``attn/qkv`` (kernel [d, 3d] = [Wqᵀ | Wkᵀ | Wvᵀ])."""
+    out = {}
+    for top, sub in params.items():
+        if top.startswith("block_") and "attn" in sub and "q" in sub["attn"]:
+            attn = dict(sub["attn"])
+            q, k, v = attn.pop("q"), attn.pop("k"), attn.pop("v")
+            attn["qkv"] = {n: np.concatenate([q[n], k[n], v[n]], axis=-1) for n in ("kernel", "bias")}
+            sub = {**sub, "attn": attn}
+        out[top] = sub
+    return out
+
+
+def check_options(qkv, compute_dtype):
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    return COMPUTE_DTYPES[compute_dtype]
+
+
+def finalize_params(module, params_np, example_inputs):
+    """float32 jnp params, checked leaf by leaf against the shapes the module itself would create."""
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params_np)
+    want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example_inputs))["params"]
+    got_flat, want_flat = traverse_util.flatten_dict(params), traverse_util.flatten_dict(want)
+    if set(got_flat) != set(want_flat):
+        raise ValueError(f"converted weights do not match the module: missing "
+                         f"{sorted('/'.join(k) for k in set(want_flat) - set(got_flat))[:6]}, unexpected "
+                         f"{sorted('/'.join(k) for k in set(got_flat) - set(want_flat))[:6]}")
+    for k, w in want_flat.items():
+        if got_flat[k].shape != w.shape:
+            raise ValueError(f"converted weight {'/'.join(k)} has shape {got_flat[k].shape}, module expects {w.shape}")
+    return params
+

@@ -1,0 +1,70 @@
+"""experiments/bench_merge.py on a tiny layer set: the rows it returns, their accuracy, the table and the CLI."""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_merge.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_merge", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = {"tiny": {"block_0/attn/qkv": (24, 8), "block_0/attn/proj": (8, 8),
+                 "block_0/mlp/fc1": (16, 8), "block_0/mlp/fc2": (8, 16)}}
+
+
+def test_rows_keys_and_accuracy(bench):
+    rows = bench.run_benchmark(TINY, ranks=(1, 4), n_clients=3, log=None)
+    assert len(rows) == 2 * 2 * 2  # gram kinds x factors x ranks
+    assert {(r["gram"], r["factor"], r["r"]) for r in rows} == {(g, f, k) for g in ("full", "diag")
+                                                               for f in ("A", "B") for k in (1, 4)}
+    for row in rows:
+        assert set(row) == set(bench.ROW_KEYS)
+        assert (row["model"], row["K"], row["layers"], row["dtype"]) == ("tiny", 3, 4, "float32")
+        assert row["rel_err"] < 1e-4, row
+        assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["compile_s"] > 0
+        assert row["ours_runs"] >= 3 and 1 <= row["baseline_runs"] <= 3
+        assert np.isclose(row["speedup"], row["baseline_ms"] / row["ours_ms"])
+        if row["gram"] == "full":
+            assert row["fallback_layers"] == 0 and row["min_pivot"] > 0
+        else:
+            assert row["fallback_layers"] is None and row["min_pivot"] is None
+    table = bench.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "speed-up" in table
+    json.dumps(rows)  # JSON-serialisable
+
+
+def test_x64_is_more_accurate_and_restores_the_flag(bench):
+    before = bool(jax.config.jax_enable_x64)
+    rows = bench.run_benchmark(TINY, factors=("A",), grams=("full",), ranks=(2,), n_clients=2, x64=True, log=None)
+    assert bool(jax.config.jax_enable_x64) == before
+    assert rows[0]["dtype"] == "float64" and rows[0]["rel_err"] < 1e-9
+
+
+def test_baseline_matches_the_closed_form(bench):
+    """The float64 reference loop solves the normal equations: A-merge with identical clients returns that A."""
+    shapes = {"l": (5, 6)}
+    grams = {p: np.asarray(g) for p, g in bench.make_grams(shapes, 3, "full").items()}
+    lora = bench.make_client_lora(shapes, 3, 2, "A")
+    a = np.asarray(lora["l"]["A"][:1]).repeat(3, 0)
+    out = bench.baseline_merge({"l": {"A": a, "B": np.asarray(lora["l"]["B"])}}, grams, "A")
+    np.testing.assert_allclose(out["l"], a[0], rtol=1e-8, atol=1e-10)
+
+
+def test_cli_json(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.MODELS, "vit_s14", TINY["tiny"])  # keep the CI run tiny
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--json", str(out), "--clients", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["factor"], r["gram"], r["r"]) for r in data["rows"]] == [("A", "full", 8), ("A", "diag", 8)] or \
+        all(r["r"] == 8 for r in data["rows"])
+    assert "| model |" in capsys.readouterr().out
