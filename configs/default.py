@@ -21,7 +21,7 @@ def get_config():
     c.data.n_test_per_class = 100
     c.data.classes_per_task = 2
     c.data.beta = 0.5
-    c.data.augment = "flip"           # 28 px greyscale digits-like images: crops would cut the object away
+    c.data.augment = "flip"           # 28 px greyscale clothing images, centred: random crops would cut them away
     c.num_clients = 10
     c.rounds = 2
     c.epochs = 2

@@ -44,6 +44,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Mapping
 
@@ -84,7 +85,7 @@ MODELS: dict[str, dict[str, tuple[int, int]]] = {
 MODEL_LABELS = {"vit_b16": "ViT-B/16", "vit_s14": "ViT-S/14"}
 
 ROW_KEYS = ("model", "factor", "gram", "r", "K", "layers", "dtype", "compile_s", "first_call_s", "ours_ms", "ours_runs",
-            "baseline_ms", "baseline_runs", "speedup", "rel_err", "fallback_layers", "min_pivot")
+            "baseline_ms", "baseline_runs", "speedup", "rel_err", "fallback_layers", "min_pivot", "status")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,6 +213,38 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+class CallTimeout(RuntimeError):
+    """One call of our jitted merge did not return within the watchdog's limit."""
+
+
+def _with_timeout(fn: Callable[[], object], timeout_s: float | None) -> Callable[[], object]:
+    """``fn`` run in a daemon thread and waited for at most ``timeout_s``: a call that never returns (a hung XLA
+    computation) raises :class:`CallTimeout` here instead of blocking the benchmark forever. The stuck thread is
+    abandoned (it keeps its arguments alive)."""
+    if timeout_s is None:
+        return fn
+
+    def wrapped():
+        box = {}
+
+        def target():
+            try:
+                box["out"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["exc"] = exc
+
+        worker = threading.Thread(target=target, daemon=True, name="bench_merge-call")
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            raise CallTimeout(f"call did not return within {timeout_s:.0f} s")
+        if "exc" in box:
+            raise box["exc"]
+        return box["out"]
+
+    return wrapped
+
+
 def _repeat(fn: Callable[[], object], repeats: int, budget_s: float | None = None) -> tuple[list[float], object]:
     """Run ``fn`` up to ``repeats`` times (at least once); with a budget, stop before a run that would exceed it."""
     times, out = [], None
@@ -235,6 +268,13 @@ def _rel_err(ours: Mapping, base: Mapping, factor: str) -> float:
     return worst
 
 
+def _skipped_row(model, factor, kind, r, n_clients, n_layers, dtype, hung_config: str) -> dict:
+    row = {k: None for k in ROW_KEYS}
+    row.update(model=model, factor=factor, gram=kind, r=r, K=n_clients, layers=n_layers, dtype=jnp.dtype(dtype).name,
+               ours_runs=0, baseline_runs=0, status=f"skipped: the XLA runtime hung earlier ({hung_config})")
+    return row
+
+
 def _resolve_models(models) -> dict[str, dict[str, tuple[int, int]]]:
     if isinstance(models, Mapping):
         return {str(name): dict(shapes) for name, shapes in models.items()}
@@ -249,12 +289,14 @@ def _resolve_models(models) -> dict[str, dict[str, tuple[int, int]]]:
 def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14", "vit_b16"),
                   factors: Iterable[str] = FACTORS, grams: Iterable[str] = GRAM_KINDS,
                   ranks: Iterable[int] = RANKS, n_clients: int = N_CLIENTS, *, repeats: int = 3,
-                  baseline_budget_s: float | None = 240.0, x64: bool = False, seed: int = 0,
-                  log: Callable[[str], None] | None = print) -> list[dict]:
+                  baseline_budget_s: float | None = 240.0, call_timeout_s: float | None = 900.0, x64: bool = False,
+                  seed: int = 0, log: Callable[[str], None] | None = print) -> list[dict]:
     """Time ours vs the float64 baseline for every (model, gram kind, factor, rank); one dict per config.
 
     models: names from :data:`MODELS` or ``{name: {path: (d_out, d_in)}}`` for custom layer sets (tests). One model's
-    Grams are alive at a time, and they are freed before the next model / gram kind.
+    Grams are alive at a time, and they are freed before the next model / gram kind. A call of ours that does not
+    return within ``call_timeout_s`` gives a row with ``status="hang: ..."`` and no timings for ours (the baseline is
+    still measured) and the benchmark goes on with the next config.
     """
     repeats = max(3, int(repeats))
     log = log or (lambda s: None)
@@ -268,6 +310,7 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if x64 else jnp.float32
     rows = []
+    hung = None  # after one hung call the XLA runtime of this process is stuck too: later configs are skipped
     try:
         for model, shapes in models.items():
             for kind in gram_kinds:
@@ -278,20 +321,32 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
                 for factor in factors:
                     merge = jax.jit(lambda cl, g, _f=factor: merging.merge_lora_tree(cl, g, _f, dtype=dtype))
                     for r in ranks:
+                        if hung is not None:
+                            rows.append(_skipped_row(model, factor, kind, r, n_clients, len(shapes), dtype, hung))
+                            log(format_row(rows[-1]))
+                            continue
                         lora = make_client_lora(shapes, n_clients, r, factor, seed=seed)
                         lora_np = {p: {k: np.asarray(v) for k, v in f.items()} for p, f in lora.items()}
                         compile_s, compiled = _timed(lambda: merge.lower(lora, gram_tree).compile())
-                        first_s, _ = _timed(lambda: jax.block_until_ready(compiled(lora, gram_tree)))
-                        ours_t, ours = _repeat(lambda: jax.block_until_ready(compiled(lora, gram_tree)), repeats)
+                        call = _with_timeout(lambda: jax.block_until_ready(compiled(lora, gram_tree)), call_timeout_s)
+                        status, first_s, ours_t, ours = "ok", None, [], None
+                        try:
+                            first_s, _ = _timed(call)
+                            ours_t, ours = _repeat(call, repeats)
+                        except CallTimeout as exc:
+                            status = f"hang: run {len(ours_t) + (first_s is not None) + 1} of ours: {exc}"
+                            hung = f"{model} {factor} {kind} r={r}"
                         base_t, base = _repeat(lambda: baseline_merge(lora_np, gram_np, factor), repeats,
                                                baseline_budget_s)
                         fallbacks, pivot = _solve_diagnostics(lora, gram_tree, factor, dtype)
+                        ok = status == "ok"
                         row = dict(model=model, factor=factor, gram=kind, r=r, K=n_clients, layers=len(shapes),
                                    dtype=jnp.dtype(dtype).name, compile_s=compile_s, first_call_s=first_s,
-                                   ours_ms=1e3 * statistics.median(ours_t), ours_runs=len(ours_t),
+                                   ours_ms=1e3 * statistics.median(ours_t) if ok else None, ours_runs=len(ours_t),
                                    baseline_ms=1e3 * statistics.median(base_t), baseline_runs=len(base_t),
-                                   rel_err=_rel_err(ours, base, factor), fallback_layers=fallbacks, min_pivot=pivot)
-                        row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+                                   rel_err=_rel_err(ours, base, factor) if ok else None, fallback_layers=fallbacks,
+                                   min_pivot=pivot, status=status)
+                        row["speedup"] = row["baseline_ms"] / row["ours_ms"] if ok else None
                         rows.append(row)
                         log(format_row(row))
                         del lora, lora_np, compiled, ours, base
@@ -312,12 +367,18 @@ _HEADER = ("model", "factor", "gram", "r", "K", "layers", "compile s", "ours ms"
            "rel. err", "eigh fallback", "min pivot²", "base runs")
 
 
+def _fmt(x, spec: str, missing: str = "n/a") -> str:
+    return missing if x is None else format(x, spec)
+
+
 def _cells(row: Mapping) -> list[str]:
     fb = "n/a" if row["fallback_layers"] is None else f"{row['fallback_layers']}/{row['layers']}"
-    piv = "n/a" if row["min_pivot"] is None else f"{row['min_pivot']:.1e}"
+    ok = row.get("status", "ok") == "ok"
     return [MODEL_LABELS.get(row["model"], row["model"]), row["factor"], row["gram"], str(row["r"]), str(row["K"]),
-            str(row["layers"]), f"{row['compile_s']:.2f}", f"{row['ours_ms']:.1f}", f"{row['baseline_ms']:.1f}",
-            f"{row['speedup']:.1f}x", f"{row['rel_err']:.1e}", fb, piv, str(row["baseline_runs"])]
+            str(row["layers"]), _fmt(row["compile_s"], ".2f", "-"),
+            _fmt(row["ours_ms"], ".1f", "HANG" if row["status"].startswith("hang") else "skipped"),
+            _fmt(row["baseline_ms"], ".1f", "-"), _fmt(row["speedup"], ".1f") + ("x" if ok else ""),
+            _fmt(row["rel_err"], ".1e"), fb, _fmt(row["min_pivot"], ".1e"), str(row["baseline_runs"])]
 
 
 def format_row(row: Mapping) -> str:
@@ -335,7 +396,8 @@ def headline(rows: Iterable[Mapping]) -> dict | None:
     for r in rows:
         if (r["model"], r["factor"], r["gram"], r["r"], r["K"]) == ("vit_s14", "A", "full", 8, 10):
             return {"ours_ms": r["ours_ms"], "baseline_ms": r["baseline_ms"], "speedup": r["speedup"],
-                    "rel_err": r["rel_err"], "target": 10.0, "met": r["speedup"] >= 10.0}
+                    "rel_err": r["rel_err"], "target": 10.0, "met": r["speedup"] is not None and r["speedup"] >= 10.0,
+                    "status": r["status"]}
     return None
 
 
@@ -359,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per config (>= 3)")
     p.add_argument("--baseline-budget", type=float, default=240.0,
                    help="seconds of baseline runs per config before stopping early (at least one run; <= 0: none)")
+    p.add_argument("--call-timeout", type=float, default=900.0,
+                   help="seconds one call of our merge may take before it is declared hung (<= 0: wait forever)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -378,11 +442,15 @@ def main(argv: list[str] | None = None) -> int:
           f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
     budget = args.baseline_budget if args.baseline_budget > 0 else None
     rows = run_benchmark(cfg["models"], cfg["factors"], cfg["grams"], cfg["ranks"], args.clients, repeats=args.repeats,
-                         baseline_budget_s=budget, x64=args.x64, seed=args.seed)
+                         baseline_budget_s=budget, call_timeout_s=args.call_timeout if args.call_timeout > 0 else None,
+                         x64=args.x64, seed=args.seed)
     print()
     print(format_table(rows))
     head = headline(rows)
-    if head is not None:
+    hung = [r for r in rows if r["status"] != "ok"]
+    for r in hung:
+        print(f"# HANG {r['model']} factor {r['factor']} {r['gram']} r={r['r']}: {r['status']}")
+    if head is not None and head["speedup"] is not None:
         print(f"\nHeadline (ViT-S/14 shapes, A-factor, full Grams, r=8, K=10, 48 layers): ours {head['ours_ms']:.1f} ms"
               f" vs float64 pinv loop {head['baseline_ms']:.1f} ms -> {head['speedup']:.1f}x "
               f"(target >= 10x: {'met' if head['met'] else 'NOT met'}), rel. err {head['rel_err']:.1e}")
@@ -394,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
                        "total_s": elapsed, "config": {**cfg, "clients": args.clients, "repeats": args.repeats,
                                                       "baseline_budget_s": budget, "x64": args.x64, "seed": args.seed},
                        "headline": head, "rows": rows}, fh, indent=2)
+    if hung:  # a stuck XLA call can block interpreter shutdown: leave now that everything is written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
     return 0
 
 

@@ -28,7 +28,7 @@ def test_rows_keys_and_accuracy(bench):
     assert {(r["gram"], r["factor"], r["r"]) for r in rows} == {(g, f, k) for g in ("full", "diag")
                                                                for f in ("A", "B") for k in (1, 4)}
     for row in rows:
-        assert set(row) == set(bench.ROW_KEYS)
+        assert set(row) == set(bench.ROW_KEYS) and row["status"] == "ok"
         assert (row["model"], row["K"], row["layers"], row["dtype"]) == ("tiny", 3, 4, "float32")
         assert row["rel_err"] < 1e-4, row
         assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["compile_s"] > 0
@@ -59,6 +59,15 @@ def test_baseline_matches_the_closed_form(bench):
     a = np.asarray(lora["l"]["A"][:1]).repeat(3, 0)
     out = bench.baseline_merge({"l": {"A": a, "B": np.asarray(lora["l"]["B"])}}, grams, "A")
     np.testing.assert_allclose(out["l"], a[0], rtol=1e-8, atol=1e-10)
+
+
+def test_watchdog_turns_a_stuck_call_into_an_error(bench):
+    import time
+    assert bench._with_timeout(lambda: 7, 5.0)() == 7
+    with pytest.raises(bench.CallTimeout):
+        bench._with_timeout(lambda: time.sleep(3), 0.2)()
+    with pytest.raises(ZeroDivisionError):
+        bench._with_timeout(lambda: 1 / 0, 5.0)()
 
 
 def test_cli_json(bench, tmp_path, monkeypatch, capsys):
