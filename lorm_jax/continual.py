@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorm_jax import backbones, checkpointing, federated, methods, plotting
+from lorm_jax import backbones, checkpointing, federated, merging, methods, plotting
 from lorm_jax import config as config_lib
 from lorm_jax import lora as lora_lib
 from lorm_jax import data as data_lib
@@ -336,7 +336,7 @@ def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
     for p, f in state["lora"].items():
         state["past_a"][p][task] = f["A"]
         state["past_b"][p][task] = f["B"]
-        state["task_grams"][p][task] = np.asarray(grams[p].sum(0))
+        state["task_grams"][p][task] = np.asarray(merging.client_sum(grams[p]))
     deltas = setup.method.merge_tasks(state["past_b"], state["past_a"], state["task_grams"], task + 1)
     params = setup.backbone.add_delta(setup.backbone.params, deltas)
     accs = evaluate(setup, params, None, state["head"], task)

@@ -116,6 +116,11 @@ def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
     return out.astype(jnp.float32)
 
 
+def client_sum(x: jax.Array) -> jax.Array:
+    """``Σ_k x_k`` over the leading axis as a contraction with ones (XLA:CPU reduces a leading axis ~30× slower)."""
+    return jnp.tensordot(jnp.ones(x.shape[0], x.dtype), x, axes=1, precision=HIGHEST)
+
+
 def _weighted_sum(x: jax.Array, grams: jax.Array) -> jax.Array:
     """``Σ_k X_k G_k`` for X [K, m, d] and Grams [K, d] or [K, d, d]."""
     if is_diagonal(grams):
@@ -136,7 +141,7 @@ def regmean(weights: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
     _check(weights, grams, "weights")
     dtype = _compute_dtype(dtype)
     weights, grams = weights.astype(dtype), grams.astype(dtype)
-    return solve_gram(_weighted_sum(weights, grams), grams.sum(0), dtype=dtype)
+    return solve_gram(_weighted_sum(weights, grams), client_sum(grams), dtype=dtype)
 
 
 def merge_lora_A(a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
@@ -164,7 +169,7 @@ def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) ->
     else:
         projected = jnp.einsum("rd,kde,se->krs", a, grams, a, precision=HIGHEST)
     e = jnp.einsum("kor,krs->os", b, projected, precision=HIGHEST)
-    return solve_gram(e, projected.sum(0), dtype=dtype)
+    return solve_gram(e, client_sum(projected), dtype=dtype)
 
 
 def regmean_lowrank(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
@@ -179,7 +184,7 @@ def regmean_lowrank(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None)
     dtype = _compute_dtype(dtype)
     b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
     e = jnp.einsum("kor,krd->od", b, _weighted_rows(a, grams), precision=HIGHEST)
-    return solve_gram(e, grams.sum(0), dtype=dtype)
+    return solve_gram(e, client_sum(grams), dtype=dtype)
 
 
 def _weighted_rows(a: jax.Array, grams: jax.Array) -> jax.Array:
