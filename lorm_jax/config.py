@@ -111,3 +111,14 @@ def load_sibling(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(*args)
+
+
+def override(c: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
+    """Set ``{"data.beta": 0.1, ...}`` on ``c`` in place (dotted keys, like ``--config.data.beta=0.1``); returns ``c``."""
+    for key, value in dotted.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c

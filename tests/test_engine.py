@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lorm_jax import config as config_lib
 from lorm_jax import continual, federated
 from lorm_jax import lora as lora_lib
 
@@ -23,13 +24,7 @@ def small_config(**overrides):
     c.data.options = {"num_classes": 4, "n_train": 40, "n_test": 12, "image_size": 16, "seed": 0}
     c.rounds, c.epochs = 2, 1
     c.eval_every_round = False
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return config_lib.override(c, **overrides)
 
 
 @pytest.fixture(scope="module")

