@@ -87,7 +87,8 @@ def _pinv_solve(e: jax.Array, g: jax.Array) -> jax.Array:
 
 def _cholesky_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``E G^{-1}`` for a positive-definite G with unit diagonal; also returns the smallest Cholesky pivot²."""
-    chol = jnp.linalg.cholesky(g)
+    # potrf reads one triangle only; skipping the default (G + Gᵀ)/2 pass saves ~30 % of the time at d = 1536.
+    chol = jnp.linalg.cholesky(g, symmetrize_input=False)
     solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs.T).T  # X G = R  <=>  G Xᵀ = Rᵀ
     x = solve(e)
     x = x + solve(e - _mm(x, g))  # one step of iterative refinement
@@ -125,7 +126,9 @@ def _weighted_sum(x: jax.Array, grams: jax.Array) -> jax.Array:
     """``Σ_k X_k G_k`` for X [K, m, d] and Grams [K, d] or [K, d, d]."""
     if is_diagonal(grams):
         return jnp.einsum("kmd,kd->md", x, grams, precision=HIGHEST)
-    return jnp.einsum("kmd,kde->me", x, grams, precision=HIGHEST)
+    # One [m, K·d] @ [K·d, d] matmul: XLA:CPU runs this ~3× faster than the equivalent batched einsum.
+    k, m, d = x.shape
+    return _mm(jnp.transpose(x, (1, 0, 2)).reshape(m, k * d), grams.reshape(k * d, grams.shape[-1]))
 
 
 def _check(x: jax.Array, grams: jax.Array, name: str, axis: int = -1):
@@ -213,26 +216,27 @@ def fedavg(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 # Pytree level: every LoRA layer of a model in one call (what the server uses).
 
 def map_layers(fn: Callable, *trees: dict, sequential: bool = False) -> dict:
-    """Apply ``fn(*leaves)`` per layer path, compiling one body for each group of same-shaped layers.
+    """Apply ``fn(*leaves)`` per layer path.
 
-    Layers whose arguments have identical shapes are stacked and processed together: ``vmap`` by default (cheap,
-    branch-free), ``lax.map`` when ``sequential`` (used for full Grams, so the singular-matrix fallback in
-    :func:`solve_gram` stays a real branch instead of being evaluated for every layer).
+    By default layers whose arguments have identical shapes are stacked and processed together under ``vmap`` (one
+    compiled body per shape group; cheap for diagonal Grams). With ``sequential`` (used for full Grams) every layer
+    gets its own ops instead: no copy of all the d×d Grams into one stack, and the singular-matrix fallback in
+    :func:`solve_gram` stays a real branch instead of being evaluated for every layer.
     """
     paths = list(trees[0])
+    if sequential:
+        return {p: fn(*[t[p] for t in trees]) for p in paths}
     groups = collections.defaultdict(list)
     for p in paths:
         sig = tuple(jax.tree.map(lambda x: (x.shape, x.dtype), t[p]) for t in trees)
         groups[str(sig)].append(p)
     out = {}
     for members in groups.values():
-        stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[t[p] for p in members]) for t in trees]
         if len(members) == 1:
-            results = jax.tree.map(lambda x: x[None], fn(*[t[members[0]] for t in trees]))
-        elif sequential:
-            results = jax.lax.map(lambda args: fn(*args), tuple(stacked))
-        else:
-            results = jax.vmap(fn)(*stacked)
+            out[members[0]] = fn(*[t[members[0]] for t in trees])
+            continue
+        stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[t[p] for p in members]) for t in trees]
+        results = jax.vmap(fn)(*stacked)
         for i, p in enumerate(members):
             out[p] = jax.tree.map(lambda x: x[i], results)
     return {p: out[p] for p in paths}
