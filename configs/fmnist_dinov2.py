@@ -15,4 +15,7 @@ def get_config():
     c.data.n_test_per_class = 200
     c.data.min_samples = 6
     c.rounds = 3
+    # Full backbone Grams with RegMean shrinkage 0.5 (the paper uses diagonal ones, alpha 0): the diagonal cross-task
+    # merge dilutes every task delta ~1/(t+1); measured 24.30 % (diagonal) vs 45.00 % (full, 0.5), see README Results.
+    c.alpha_backbone = 0.5
     return c

@@ -1,8 +1,9 @@
-"""Command line: ``lorm-jax run | report | bench-merge``.
+"""Command line: ``lorm-jax run | report | bench-merge | bench-clients``.
 
     lorm-jax run --config configs/tiny.py [--config.rounds=2 ...] --workdir runs/tiny
     lorm-jax report runs/tiny [runs/other ...]
     lorm-jax bench-merge [--quick] [--json out.json]
+    lorm-jax bench-clients [--quick] [--json out.json]
 """
 from __future__ import annotations
 
@@ -38,9 +39,15 @@ def run_main(argv):
 
     flags.DEFINE_string("workdir", None, "directory for results, metrics, plots and checkpoints", required=True)
     flags.DEFINE_bool("progress", True, "show progress bars")
+    flags.DEFINE_string("coordinator", None, "multi-host: process 0's host:port (or env LORM_JAX_COORDINATOR)")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or env LORM_JAX_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's id (or env LORM_JAX_PROCESS_ID)")
     config_flags.DEFINE_config_file("config", None, "experiment config file (get_config())", lock_config=True)
 
     def main(_):
+        from lorm_jax import distributed
+        distributed.initialize(distributed.launch_from(flags.FLAGS.coordinator, flags.FLAGS.num_processes,
+                                                       flags.FLAGS.process_id))  # before any device is touched
         from lorm_jax import continual
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         for noisy in ("absl", "jax._src", "orbax"):
@@ -67,7 +74,7 @@ def report_main(argv):
 
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
-    commands = {"run": run_main, "report": report_main, "bench-merge": _bench_merge}
+    commands = {"run": run_main, "report": report_main, "bench-merge": _bench_merge, "bench-clients": _bench_clients}
     if len(argv) < 2 or argv[1] not in commands:
         raise SystemExit(f"usage: lorm-jax {{{'|'.join(commands)}}} ...  (see README.md)")
     command = argv.pop(1)
@@ -80,6 +87,12 @@ def _bench_merge(argv):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     import bench_merge
     return bench_merge.main(argv)
+
+
+def _bench_clients(argv):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import bench_clients
+    return bench_clients.main(argv)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,18 @@ command line (``--config.data.n_train_per_class=200``).
 """
 from __future__ import annotations
 
+import math
+import os
+
 import ml_collections
+import numpy as np
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42                       # every random draw is a fold_in chain of (seed, task, round, client, step)
-    c.method = "lorm"                 # lorm | lorm_a | lorm_b | linear_probe (see lorm_jax.methods)
+    c.method = "lorm"                 # see lorm_jax.methods: lorm, lorm_a/_b, fedavg_lora, ffa_lora, regmean_lora,
+                                      # centralized, linear_probe
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.name = "tiny_vit"      # see lorm_jax.backbones.NAMES
@@ -57,49 +62,215 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval_every_round = False        # also evaluate (filler model, Q8) after every round
     c.eval_batch_size = 128
-    c.client_chunk = 0                # clients per vmapped call (0 = all at once); results do not depend on it
+    c.client_chunk = 0                # clients per vmapped call (0 = auto: as many as the memory plan fits on the
+                                      # devices, all at once when they fit); results do not depend on it
+    c.mesh_clients = 0                # devices on the mesh's `clients` axis (0 = every device of every process)
     c.merge_dtype = "float32"         # float64 needs jax_enable_x64
+    c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias: FedAvg)
+    c.merge_diagnostics = True        # per-round response-matching residuals of the merge in metrics.jsonl
     return c
 
 
+def invalid(key: str, value, allowed: str) -> ValueError:
+    """The one error style of config checks: ``config.<key> = <value> is invalid: <what is allowed>``."""
+    return ValueError(f"config.{key} = {value!r} is invalid: {allowed}")
+
+
 def _fail(key: str, value, allowed: str):
-    raise ValueError(f"config.{key} = {value!r} is invalid: {allowed}")
+    raise invalid(key, value, allowed)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return (_is_int(x) or isinstance(x, (float, np.floating))) and not isinstance(x, (bool, np.bool_))
+
+
+def _type_name(default) -> str | None:
+    """What a key with this default must hold (None: anything, e.g. a None default another module added)."""
+    if isinstance(default, bool):
+        return "a bool (True/False)"
+    if _is_int(default):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    if isinstance(default, (tuple, list)):
+        return "a tuple"
+    if isinstance(default, ml_collections.ConfigDict):
+        return "a dict"
+    return None
+
+
+def _has_type(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, (bool, np.bool_))
+    if _is_int(default):
+        return _is_int(value)
+    if isinstance(default, float):
+        return _is_number(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    if isinstance(default, ml_collections.ConfigDict):
+        return isinstance(value, (ml_collections.ConfigDict, dict))
+    return True
+
+
+# Keys whose type is not their default's (checked by value below).
+_FREE_TYPE = {"data.classes_per_task"}
+# Free-form sub-dicts (passed as keyword options to a loader): their keys are not checked here.
+_FREE_FORM = {"backbone.options", "data.options"}
+
+
+def _check_keys_and_types(c, base, prefix: str = "") -> None:
+    extra = {"description"} if not prefix else set()
+    for key in c.keys():
+        path = prefix + key
+        if key not in base and key not in extra:
+            _fail(path, c[key], f"unknown key; valid keys here: {sorted(set(base.keys()) | extra)}")
+        if key in extra:
+            continue
+        value, default = c[key], base[key]
+        if path in _FREE_TYPE:
+            continue
+        if not _has_type(value, default):
+            _fail(path, value, f"must be {_type_name(default)} (default {default!r})")
+        if isinstance(default, ml_collections.ConfigDict) and path not in _FREE_FORM:
+            _check_keys_and_types(value, default, path + ".")
+
+
+def _finite(x) -> bool:
+    return _is_number(x) and math.isfinite(float(x))
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Refuse impossible settings before any compute, naming the key, the value and what is allowed."""
-    known = set(base_config().keys()) | {"description"}
-    for key in c.keys():
-        if key not in known:
-            _fail(key, c[key], f"unknown key; valid keys: {sorted(known)}")
-    positive_ints = ["num_clients", "rounds", "epochs", "batch_size", "rank", "gram_passes", "eval_batch_size"]
+    """Refuse impossible settings before any compute, naming the key, the value and what is allowed.
+
+    Checks unknown keys (at every level except the free-form ``*.options``), types against :func:`base_config`'s
+    defaults, value ranges and enumerations. Checks that need this machine's files (:func:`validate_paths`), the dataset
+    (:func:`validate_tasks`) or the backbone (:func:`validate_rank`) run in ``continual.build_setup``.
+    """
+    _check_keys_and_types(c, base_config())
+    positive_ints = ["num_clients", "rounds", "epochs", "batch_size", "rank", "gram_passes", "eval_batch_size",
+                     "data.classes_per_client", "data.max_len"]
     for key in positive_ints:
-        if not isinstance(c[key], int) or c[key] < 1:
-            _fail(key, c[key], "must be an integer >= 1")
-    from lorm_jax import methods
+        if _get(c, key) < 1:
+            _fail(key, _get(c, key), "must be an integer >= 1")
+    for key in ("data.max_classes", "data.n_train_per_class", "data.n_test_per_class", "data.min_samples",
+                "gram_batch_size", "client_chunk", "mesh_clients", "seed"):
+        if _get(c, key) < 0:
+            _fail(key, _get(c, key), "must be an integer >= 0" + (" (0 = all / off)" if key != "seed" else ""))
+    if c.data.class_order_seed < -1:
+        _fail("data.class_order_seed", c.data.class_order_seed, "-1 (natural order) or a seed >= 0")
+    _check_classes_per_task(c.data.classes_per_task)
+    from lorm_jax import backbones, methods
     if c.method not in methods.NAMES:
         _fail("method", c.method, f"one of {list(methods.NAMES)}")
-    if c.data.beta <= 0:
-        _fail("data.beta", c.data.beta, "the Dirichlet concentration must be > 0")
+    if c.backbone.name not in backbones.NAMES:
+        _fail("backbone.name", c.backbone.name, f"one of {list(backbones.NAMES)}")
+    from lorm_jax import data as data_lib
+    if c.data.name not in data_lib.available():
+        _fail("data.name", c.data.name, f"one of {data_lib.available()}")
+    if not (_finite(c.data.beta) and c.data.beta > 0):
+        _fail("data.beta", c.data.beta, "the Dirichlet concentration must be a finite number > 0")
     if c.data.partition not in ("dirichlet", "quantity", "iid"):
         _fail("data.partition", c.data.partition, "one of dirichlet, quantity, iid")
     if c.data.augment not in ("rrc", "crop", "flip", "none"):
         _fail("data.augment", c.data.augment, "one of rrc, crop, flip, none")
     if c.data.interpolation not in ("bilinear", "bicubic"):
         _fail("data.interpolation", c.data.interpolation, "bilinear or bicubic")
+    scale = tuple(c.data.crop_scale)
+    if len(scale) != 2 or not all(_finite(s) for s in scale) or not 0 < scale[0] <= scale[1] <= 1:
+        _fail("data.crop_scale", c.data.crop_scale, "a pair (lo, hi) with 0 < lo <= hi <= 1")
+    ratio = c.data.test_resize_ratio
+    if not _finite(ratio) or not (ratio == 0 or ratio >= 1):
+        _fail("data.test_resize_ratio", ratio, "0 (plain resize) or a ratio >= 1 (resize, then centre crop)")
+    if not all(_finite(s) and s > 0 for s in c.data.std):
+        _fail("data.std", c.data.std, "finite numbers > 0")
+    if not all(_finite(m) for m in c.data.mean):
+        _fail("data.mean", c.data.mean, "finite numbers")
+    if len(c.data.mean) != len(c.data.std):
+        _fail("data.mean", c.data.mean, "give data.mean and data.std together (or neither), of equal length")
     if c.gram_network not in ("filler", "trained"):
         _fail("gram_network", c.gram_network, "one of filler (reference), trained")
     for key in ("alpha_backbone", "alpha_head"):
-        if not 0.0 <= c[key] <= 1.0:
+        if not (_finite(c[key]) and 0.0 <= c[key] <= 1.0):
             _fail(key, c[key], "a shrinkage weight in [0, 1]")
-    if c.lr <= 0:
-        _fail("lr", c.lr, "must be > 0")
-    if c.weight_decay < 0:
-        _fail("weight_decay", c.weight_decay, "must be >= 0")
+    if not (_finite(c.lr) and c.lr > 0):
+        _fail("lr", c.lr, "a finite learning rate > 0")
+    for key in ("lr_a", "lr_b"):
+        if not (_finite(c[key]) and c[key] != 0):
+            _fail(key, c[key], "a finite learning rate > 0, or < 0 to use config.lr")
+    if not (_finite(c.weight_decay) and c.weight_decay >= 0):
+        _fail("weight_decay", c.weight_decay, "a finite number >= 0")
     if c.merge_dtype not in ("float32", "float64"):
         _fail("merge_dtype", c.merge_dtype, "float32 or float64")
-    if len(c.data.mean) != len(c.data.std):
-        _fail("data.mean", c.data.mean, "give data.mean and data.std together (or neither)")
+    if c.merge_dtype == "float64":
+        import jax
+        if not jax.config.jax_enable_x64:
+            _fail("merge_dtype", c.merge_dtype, "float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+                                                "jax.config.update('jax_enable_x64', True)) before the run")
+
+
+def _get(c, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _check_classes_per_task(per_task) -> None:
+    allowed = "an integer >= 1 (equal tasks) or a non-empty tuple of integers >= 1 (task sizes)"
+    if _is_int(per_task):
+        if per_task < 1:
+            _fail("data.classes_per_task", per_task, allowed)
+    elif not (isinstance(per_task, (tuple, list)) and per_task and all(_is_int(s) and s >= 1 for s in per_task)):
+        _fail("data.classes_per_task", per_task, allowed)
+
+
+def validate_paths(c: ml_collections.ConfigDict) -> None:
+    """Files and folders the config names must exist on this machine (a config may be valid but not runnable here)."""
+    options = c.data.options
+    if "data_dir" in options and options["data_dir"] is not None and not os.path.isdir(str(options["data_dir"])):
+        _fail("data.options.data_dir", options["data_dir"], "an existing folder holding the dataset files")
+    if "manual_dir" in options and options["manual_dir"] is not None and not os.path.isdir(
+            str(options["manual_dir"])):
+        _fail("data.options.manual_dir", options["manual_dir"], "an existing folder")
+    path = c.backbone.options.get("path", None)
+    if c.backbone.name == "vit_b16_augreg_in21k" and not path:
+        _fail("backbone.options.path", path, "vit_b16_augreg_in21k needs the big_vision .npz checkpoint path")
+    if path and not os.path.isfile(str(path)):
+        _fail("backbone.options.path", path, "an existing checkpoint file")
+
+
+def validate_tasks(c: ml_collections.ConfigDict, num_classes: int) -> None:
+    """Checks that need the dataset's class count ``num_classes`` (before ``data.max_classes`` is applied)."""
+    if c.data.max_classes > num_classes:
+        _fail("data.max_classes", c.data.max_classes, f"at most the {num_classes} classes of {c.data.name!r} "
+                                                      "(0 = all)")
+    n = c.data.max_classes or num_classes
+    per_task = c.data.classes_per_task
+    if _is_int(per_task):
+        if per_task > n:
+            _fail("data.classes_per_task", per_task, f"at most the number of classes ({n}): at least one task")
+        if n % per_task:
+            _fail("data.classes_per_task", per_task, f"must divide the number of classes ({n}); or give a tuple of "
+                                                     f"task sizes that sums to {n}")
+    elif sum(per_task) != n:
+        _fail("data.classes_per_task", tuple(per_task),
+              f"task sizes must sum to the number of classes ({n}); {len(per_task)} tasks sum to {sum(per_task)}")
+
+
+def validate_rank(c: ml_collections.ConfigDict, lora_shapes: dict) -> None:
+    """``rank <= min(d_out, d_in)`` of every LoRA layer (``lora_shapes`` = ``{path: (d_out, d_in)}``)."""
+    path, (d_out, d_in) = min(lora_shapes.items(), key=lambda kv: min(kv[1]))
+    if c.rank > min(d_out, d_in):
+        _fail("rank", c.rank, f"1 .. {min(d_out, d_in)}: the smallest LoRA layer of {c.backbone.name!r} "
+                              f"({path}) is {d_out}x{d_in}")
 
 
 def load_sibling(this_file: str, name: str, *args) -> ml_collections.ConfigDict:

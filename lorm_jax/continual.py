@@ -10,12 +10,17 @@ model on the test sets of tasks 0..t, with logits restricted to the classes seen
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -25,7 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorm_jax import backbones, checkpointing, federated, merging, methods, plotting
+from lorm_jax import backbones, checkpointing, distributed, federated, ledger, merging, methods, plotting, sharding
 from lorm_jax import config as config_lib
 from lorm_jax import lora as lora_lib
 from lorm_jax import data as data_lib
@@ -84,6 +89,7 @@ class Setup:
     gram_steps: int
     fns: federated.ClientFunctions
     method: object
+    client_chunk: int = 0           # clients per vmapped call, resolved by the memory plan (federated.plan_memory)
 
     @property
     def num_tasks(self) -> int:
@@ -155,11 +161,33 @@ def _encode(dataset, backbone, max_len: int):
     return one(dataset.x_train, dataset.y_train), one(dataset.x_test, dataset.y_test)
 
 
+def _split_task(c, labels: np.ndarray, task: int) -> list:
+    """Client partition of task ``task`` (labels [N]); impossible settings fail naming the config keys to change."""
+    if len(labels) == 0:
+        raise config_lib.invalid("data.classes_per_task", c.data.classes_per_task,
+                                 f"task {task} has no training samples (check data.n_train_per_class, "
+                                 f"data.max_classes)")
+    try:
+        return split_clients(labels, c.num_clients, c.data.partition, np.random.default_rng([c.seed, task, 7]),
+                             beta=c.data.beta, classes_per_client=c.data.classes_per_client,
+                             min_samples=c.data.min_samples)
+    except ValueError as e:
+        key = {"quantity": "data.classes_per_client"}.get(c.data.partition, "data.min_samples")
+        value = c.data.classes_per_client if key == "data.classes_per_client" else c.data.min_samples
+        raise config_lib.invalid(key, value, f"task {task} ({len(labels)} samples, {len(np.unique(labels))} classes) "
+                                 f"cannot be split over config.num_clients = {c.num_clients} clients with "
+                                 f"config.data.partition = {c.data.partition!r}, config.data.beta = {c.data.beta}: "
+                                 f"{e}") from e
+
+
 def build_setup(config: ml_collections.ConfigDict) -> Setup:
     config_lib.validate(config)
-    c = config
+    config_lib.validate_paths(config)
+    c = methods.effective_config(config)  # e.g. centralized: one client holding all data
     backbone = backbones.get(c.backbone.name, **c.backbone.options.to_dict())
+    config_lib.validate_rank(c, backbone.lora_shapes)
     ds = data_lib.load(c.data.name, **c.data.options.to_dict())
+    config_lib.validate_tasks(c, ds.num_classes)
     if 0 < c.data.max_classes < ds.num_classes:
         largest = np.argsort(-ds.counts("train"), kind="stable")[:c.data.max_classes]
         ds = data_lib.select_classes(ds, np.sort(largest))
@@ -178,22 +206,39 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
     task_test = [data_lib.task_indices(ds.y_test, t, offsets) for t in range(len(tasks))]
     partitions = []
     for t, idx in enumerate(task_train):
-        rng = np.random.default_rng([c.seed, t, 7])
-        parts = split_clients(ds.y_train[idx], c.num_clients, c.data.partition, rng, beta=c.data.beta,
-                                   classes_per_client=c.data.classes_per_client, min_samples=c.data.min_samples)
+        parts = _split_task(c, ds.y_train[idx], t)
         partitions.append([idx[p] for p in parts])
     largest = max(len(p) for parts in partitions for p in parts)
     gram_bs = c.gram_batch_size or c.batch_size
+    mesh = sharding.make_mesh(c.mesh_clients)  # frozen backbone and data replicated, clients sharded
+    backbone = dataclasses.replace(backbone, params=sharding.replicate(backbone.params, mesh))
+    train, test = sharding.replicate((train, test), mesh)
+    client_chunk = _plan_chunk(c, backbone, mesh, int(offsets[-1]), train, test)
     fns = federated.build_client_functions(
         backbone, _make_prepare(c, backbone, ds.kind), lr_head=c.lr, weight_decay=c.weight_decay,
         backbone_gram="diag" if c.alpha_backbone == 0 else "full", alpha_backbone=c.alpha_backbone,
-        head_gram="diag" if c.alpha_head == 0 else "full", alpha_head=c.alpha_head, augment_grams=c.gram_augment)
+        head_gram="diag" if c.alpha_head == 0 else "full", alpha_head=c.alpha_head, augment_grams=c.gram_augment,
+        mesh=mesh)
     return Setup(config=c, backbone=backbone, dataset=ds, offsets=offsets,
-                 train=jax.device_put(train), test=jax.device_put(test),
+                 train=train, test=test,
                  task_train=task_train, task_test=task_test, partitions=partitions,
                  train_steps=max(1, c.epochs * math.ceil(largest / c.batch_size)),
                  gram_steps=max(1, c.gram_passes * math.ceil(largest / gram_bs)),
-                 fns=fns, method=methods.get(c.method, c))
+                 fns=fns, method=methods.get(c.method, c), client_chunk=client_chunk)
+
+
+def _plan_chunk(c, backbone, mesh, num_classes: int, train, test) -> int:
+    """``config.client_chunk``, or (0) the memory plan's clients per call; the plan is logged before the run."""
+    if c.client_chunk:
+        return c.client_chunk
+    shared = federated.tree_bytes((backbone.params, train, test))
+    plan = federated.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
+                                 batch_size=c.batch_size, gram_batch_size=c.gram_batch_size or c.batch_size,
+                                 backbone_gram="diag" if c.alpha_backbone == 0 else "full",
+                                 head_gram="diag" if c.alpha_head == 0 else "full", shared_bytes=shared, mesh=mesh,
+                                 max_len=c.data.max_len)
+    log.info("%s", plan.table())
+    return plan.chunk
 
 
 def partition_digest(setup: Setup) -> str:
@@ -272,7 +317,7 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     c, method = setup.config, setup.method
     clients = np.arange(c.num_clients)
     factor = method.train_factor(rnd)  # "A", "B", "AB" or "" (head only)
-    lr_factor = {"A": c.lr_a, "B": c.lr_b}.get(factor, -1.0)
+    lr_factor = {"A": c.lr_a, "B": c.lr_b, "AB": max(c.lr_a, c.lr_b)}.get(factor, -1.0)  # AB: methods.get checks
     lr_factor = c.lr if lr_factor < 0 else lr_factor
     phase = jnp.asarray([float("A" in factor), float("B" in factor)])
     idx, mask = _schedule(setup, task, rnd, TRAIN_STREAM, c.batch_size, c.epochs, setup.train_steps, shuffle=True)
@@ -281,24 +326,33 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     out = federated.run_chunked(
         setup.fns.train, (jnp.asarray(idx), jnp.asarray(mask), keys),
         (setup.backbone.params, setup.train, state["lora"], state["head"]),
-        (phase, jnp.float32(lr_factor), task_classes), c.client_chunk)
+        (phase, jnp.float32(lr_factor), task_classes), setup.client_chunk, setup.fns.mesh)
     num_samples = np.asarray([len(p) for p in setup.partitions[task]], np.float32)
-    finite = np.asarray(out["finite"])
-    weights = np.where(finite, num_samples, 0.0)
+    finite, losses = federated.numpy_tree((out["finite"], out["loss"]))
+    finite = finite & np.isfinite(losses)
     gram_params, scale = gram_network(setup, state, task)
     grams, head_grams = _client_grams(setup, gram_params, out["lora"], task, rnd, scale, finite)
+    grams, head_grams, finite = _drop_nonfinite_grams(grams, head_grams, finite)
+    weights = np.where(finite, num_samples, 0.0)
     lora, head = method.merge_round(out["lora"], grams, out["head"], head_grams, jnp.asarray(weights), factor,
                                     task_classes, state["head"])
+    if not np.any(weights > 0):  # nobody to merge: keep the server's model rather than a merge of nothing
+        lora, head = state["lora"], state["head"]
+    book = ledger.round_entry(method, rnd, factor, out["lora"], grams, out["head"], head_grams, weights, task_classes,
+                              state["lora"], state["head"])  # state before the merge: what the clients downloaded
+    if c.merge_diagnostics and factor:
+        book.update(ledger.diagnostics(out["lora"], lora, grams, weights, c.merge_dtype))
     state = dict(state, lora=federated.numpy_tree(lora), head=federated.numpy_tree(head))
-    losses = np.asarray(out["loss"])
     metrics = {"task": task, "round": rnd, "factor": factor,
-               "loss": float(np.sum(losses * weights) / max(np.sum(weights), 1.0)),
+               "loss": float(np.sum(np.where(weights > 0, losses, 0.0) * weights) / max(np.sum(weights), 1.0)),
                "client_loss": [round(float(x), 5) for x in losses],
                "client_samples": num_samples.astype(int).tolist(),
-               "excluded_clients": np.flatnonzero(~finite).tolist()}
+               "excluded_clients": np.flatnonzero(~finite).tolist(), **book,
+               **gram_conditioning({**grams, "head": head_grams}, c.merge_dtype)}
     if not finite.all():
-        log.warning("task %d round %d: clients %s produced non-finite parameters and were left out of the merge",
-                    task, rnd, metrics["excluded_clients"])
+        log.warning("task %d round %d: clients %s produced a non-finite loss, parameters or Grams and were left out "
+                    "of the merge%s", task, rnd, metrics["excluded_clients"],
+                    "" if finite.any() else "; no client was left, so the server model is kept unchanged")
     if c.eval_every_round:
         params = setup.backbone.add_delta(gram_params, lora_lib.delta(
             {p: {"A": f["A"], "B": f["B"] * scale} for p, f in state["lora"].items()}))
@@ -309,6 +363,17 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     return state, metrics
 
 
+def _drop_nonfinite_grams(grams: dict, head_grams, include: np.ndarray):
+    """Also leave out clients whose Grams overflowed (inf/NaN); returns zeroed Grams and the updated ``include`` [K]."""
+    leaves = jax.tree.leaves((grams, head_grams))
+    ok = np.asarray(jnp.stack([jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1) for g in leaves]).all(0))
+    if ok.all():
+        return grams, head_grams, include
+    keep = jnp.asarray(include & ok)
+    zero_out = lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+    return jax.tree.map(zero_out, grams), zero_out(head_grams), include & ok
+
+
 def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, scale: float, include: np.ndarray):
     """Per-client Grams of every LoRA layer and of the head; clients not in ``include`` contribute zeros."""
     c = setup.config
@@ -317,10 +382,26 @@ def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, s
     keys = client_keys(c.seed, task, rnd, np.arange(c.num_clients), GRAM_STREAM)
     grams, head_grams, _ = federated.run_chunked(
         setup.fns.grams, (client_lora, jnp.asarray(idx), jnp.asarray(mask), keys),
-        (gram_params, setup.train), (jnp.float32(scale),), c.client_chunk)
+        (gram_params, setup.train), (jnp.float32(scale),), setup.client_chunk, setup.fns.mesh)
     keep = jnp.asarray(include)
     zero_out = lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
     return jax.tree.map(zero_out, grams), zero_out(head_grams)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _gram_health_tree(stacked_grams: dict, dtype: str) -> dict:
+    return {p: merging.gram_health(merging.client_sum(g), dtype=jnp.dtype(dtype)) for p, g in stacked_grams.items()}
+
+
+def gram_conditioning(stacked_grams: dict, dtype: str = "float32") -> dict:
+    """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [K, d] or [K, d, d]}``; see
+    :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 = singular), how many
+    layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
+    health = jax.device_get(_gram_health_tree(stacked_grams, dtype))
+    pivots = [float(h["min_pivot"]) for h in health.values()]
+    return {"gram_min_pivot": float(f"{min(pivots):.6g}"),
+            "gram_pinv_layers": int(sum(float(h["pinv"]) for h in health.values())),
+            "gram_dead_features": int(sum(float(h["dead"]) for h in health.values()))}
 
 
 def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
@@ -345,7 +426,10 @@ def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
     state["acc"] = acc
     sizes = np.asarray([len(setup.task_test[t]) for t in range(task + 1)])
     metrics = {"task": task, "round": "end", "accuracy": float(np.sum(accs * sizes) / np.sum(sizes)),
-               "task_accuracy": [round(float(a), 5) for a in accs]}
+               "task_accuracy": [round(float(a), 5) for a in accs],
+               **ledger.task_entry(setup.method, setup.method.train_factor(c.rounds - 1), grams, state["lora"],
+                                   c.num_clients),
+               **gram_conditioning({p: g[:task + 1] for p, g in state["task_grams"].items()}, c.merge_dtype)}
     if task + 1 < setup.num_tasks:  # the next task starts from B = 0 and a fresh A
         state["lora"] = federated.numpy_tree(lora_lib.init(
             jax.random.fold_in(jax.random.fold_in(_seed_key(c.seed), 10_000), task + 1),
@@ -360,7 +444,8 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _check_workdir_config(workdir: str, config) -> None:
+def _check_workdir_config(workdir: str, config, write: bool = True) -> None:
+    """Refuse a workdir that holds a run of another config; record ``config.json`` there (if ``write``) when new."""
     path = os.path.join(workdir, "config.json")
     current = _config_json(config)
     if os.path.exists(path):
@@ -369,10 +454,19 @@ def _check_workdir_config(workdir: str, config) -> None:
         if previous != current:
             diff = _first_difference(previous, current)
             raise ValueError(f"{workdir} holds a run with a different config ({diff}); use a new --workdir or delete it")
-    else:
+    elif write:
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
+        _write_json(path, current, indent=2, sort_keys=True)
+
+
+def _write_json(path: str, obj, **kwargs) -> None:
+    """Write ``path`` atomically (a temporary file renamed over it): a crash never leaves half a file."""
+    if not distributed.is_primary():  # multi-host: process 0 writes the run's files
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **kwargs)
+    os.replace(tmp, path)
 
 
 def _first_difference(a, b, prefix="config") -> str:
@@ -384,6 +478,8 @@ def _first_difference(a, b, prefix="config") -> str:
 
 
 def _append_metrics(workdir: str, lines: list[dict]) -> None:
+    if not distributed.is_primary():
+        return
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
@@ -392,13 +488,29 @@ def _append_metrics(workdir: str, lines: list[dict]) -> None:
 def _truncate_metrics(workdir: str, units_done: int) -> None:
     """Keep the metric lines of the units a checkpoint covers (a crash may have logged a unit it did not save)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not distributed.is_primary():
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["unit"] < units_done]
-    with open(path, "w") as f:
+    kept = [line for line in lines if _metric_unit(line) < units_done]
+    with open(f"{path}.tmp", "w") as f:
         f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+
+
+def _metric_unit(line: str) -> float:
+    """The unit of a metrics line; a line torn by a crash mid-write counts as not done."""
+    try:
+        return json.loads(line)["unit"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class Interrupted(SystemExit):
+    """:func:`run` stopped on SIGINT / SIGTERM after checkpointing the unit in flight.
+
+    ``code`` is the conventional exit status ``128 + signal number``: 130 for SIGINT, 143 for SIGTERM.
+    """
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_units: int | None = None,
@@ -406,14 +518,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_units: in
     """Run (or resume, or return the finished result of) the experiment in ``workdir``.
 
     ``stop_after_units`` stops after that many units in total (for tests of resumption); the result is then ``None``.
+
+    Fault tolerance: the metrics line of a unit is appended before its checkpoint is written and lines the checkpoint
+    does not cover are dropped on resume, so after any crash (SIGKILL included) the rerun recomputes at most the unit
+    in flight and ends bit-identical to an uninterrupted run. A first SIGINT / SIGTERM lets the unit in flight finish
+    and be checkpointed, then raises :class:`Interrupted` (exit status 130 / 143); a second one stops at once.
     """
     results_path = os.path.join(workdir, "results.json")
-    _check_workdir_config(workdir, config)
+    config_lib.validate(config)
+    _check_workdir_config(workdir, config, write=False)
     if os.path.exists(results_path):
         with open(results_path) as f:
             return json.load(f)
     start = time.time()
-    setup = build_setup(config)
+    setup = build_setup(config)  # the rest of the validation: before anything is written to the workdir
+    _check_workdir_config(workdir, config)
     c = setup.config
     units_per_task = c.rounds + 1
     total = setup.num_tasks * units_per_task
@@ -425,29 +544,122 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_units: in
         log.info("resumed %s at unit %d/%d", workdir, int(state["unit"]), total)
     _truncate_metrics(workdir, int(state["unit"]))
     _write_partition_info(workdir, setup, digest)
-    bar = tqdm(total=total, initial=int(state["unit"]), disable=not progress, desc="lorm-jax", unit="unit")
-    while int(state["unit"]) < total:
-        unit = int(state["unit"])
-        task, rnd = divmod(unit, units_per_task)
-        t0 = time.time()
-        if rnd < c.rounds:
-            state, metrics = run_round(setup, state, task, rnd)
-        else:
-            state, metrics = end_task(setup, state, task)
-        state["unit"] = np.array(unit + 1, np.int64)
-        metrics = {"unit": unit, **metrics, "seconds": round(time.time() - t0, 3)}
-        checkpointing.save(workdir, unit + 1, state)
-        _append_metrics(workdir, [metrics])
-        bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
-                         if k in ("task", "round", "loss", "accuracy")})
-        bar.update(1)
-        log.info("task %d %s: %s", task, "end" if rnd == c.rounds else f"round {rnd} ({metrics.get('factor')})",
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("loss", "accuracy")))
-        if stop_after_units is not None and unit + 1 >= stop_after_units and unit + 1 < total:
-            bar.close()
-            return None
+    current = [int(state["unit"])]  # the unit in flight, read by the fault-injection test hook
+    fault = _fault_plan()
+    if fault is not None:
+        setup = _with_faults(setup, fault, current)
+    bar = tqdm(total=total, initial=int(state["unit"]), disable=not progress or not distributed.is_primary(),
+               desc="lorm-jax", unit="unit")
+    with _deferred_signals() as received:
+        while int(state["unit"]) < total:
+            unit = current[0] = int(state["unit"])
+            task, rnd = divmod(unit, units_per_task)
+            t0 = time.time()
+            if rnd < c.rounds:
+                state, metrics = run_round(setup, state, task, rnd)
+            else:
+                state, metrics = end_task(setup, state, task)
+            state["unit"] = np.array(unit + 1, np.int64)
+            metrics = {"unit": unit, **metrics, "seconds": round(time.time() - t0, 3)}
+            _append_metrics(workdir, [metrics])  # first: a line without its checkpoint is dropped on resume
+            checkpointing.save(workdir, unit + 1, state,
+                               before_commit=None if fault is None else lambda: _fire(fault, "checkpoint", current))
+            bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
+                             if k in ("task", "round", "loss", "accuracy")})
+            bar.update(1)
+            log.info("task %d %s: %s", task, "end" if rnd == c.rounds else f"round {rnd} ({metrics.get('factor')})",
+                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("loss", "accuracy")))
+            if received and unit + 1 < total:
+                bar.close()
+                name = signal.Signals(received[0]).name
+                log.warning("%s: stopped with %d of %d units done (the last: task %d %s), all checkpointed in %s. "
+                            "Run the same command again to resume.", name, unit + 1, total, task,
+                            "end" if rnd == c.rounds else f"round {rnd}", workdir)
+                raise Interrupted(128 + received[0])
+            if stop_after_units is not None and unit + 1 >= stop_after_units and unit + 1 < total:
+                bar.close()
+                return None
     bar.close()
     return _finish(setup, state, workdir, time.time() - start)
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """Within the block a first SIGINT / SIGTERM is only recorded (in the yielded list) so the unit in flight can finish
+    and be checkpointed; a second one raises :class:`Interrupted` at once. Outside the main thread: no change."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("second %s: stopping now; the unit in flight is lost, the last checkpoint is intact", name)
+            raise Interrupted(128 + signum)
+        received.append(signum)
+        log.warning("%s received: finishing the unit in flight and checkpointing it, then exiting (send it again to "
+                    "stop at once, losing that unit)", name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# Test hook: LORM_JAX_FAULT="<stage>@<unit>[:<SIGNAL>]" sends SIGNAL (default SIGKILL) to this process in that stage of
+# that unit: train (local training done), merge (inside the server merge of a round or the end-of-task merge) or
+# checkpoint (the step's files written, before the rename that commits it). Used by tests/test_reliability.py.
+FAULT_ENV = "LORM_JAX_FAULT"
+
+
+def _fault_plan() -> tuple[str, int, int] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    m = re.fullmatch(r"(train|merge|checkpoint)@(\d+)(?::(SIGKILL|SIGTERM|SIGINT))?", spec)
+    if m is None:
+        raise ValueError(f"{FAULT_ENV} = {spec!r} is invalid: <train|merge|checkpoint>@<unit>[:SIGKILL|SIGTERM|SIGINT]")
+    return m[1], int(m[2]), int(getattr(signal, m[3] or "SIGKILL"))
+
+
+def _fire(fault: tuple[str, int, int], stage: str, current: list) -> None:
+    if fault[0] == stage and fault[1] == current[0]:
+        os.kill(os.getpid(), fault[2])
+        current[0] = -1  # a signal that does not kill fires once
+
+
+def _with_faults(setup: Setup, fault: tuple[str, int, int], current: list) -> Setup:
+    """``setup`` with client training and the method's merges wrapped to call :func:`_fire` at their stage."""
+    train = setup.fns.train
+
+    def faulty_train(*args, **kwargs):
+        out = jax.block_until_ready(train(*args, **kwargs))
+        _fire(fault, "train", current)
+        return out
+
+    return dataclasses.replace(setup, fns=dataclasses.replace(setup.fns, train=faulty_train),
+                               method=_FaultyMethod(setup.method, lambda: _fire(fault, "merge", current)))
+
+
+class _FaultyMethod:
+    """A method whose merges first call ``fire`` (test hook); everything else is the wrapped method's."""
+
+    def __init__(self, method, fire: Callable[[], None]):
+        self._method, self._fire = method, fire
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def merge_round(self, *args, **kwargs):
+        self._fire()
+        return self._method.merge_round(*args, **kwargs)
+
+    def merge_tasks(self, *args, **kwargs):
+        self._fire()
+        return self._method.merge_tasks(*args, **kwargs)
 
 
 def _write_partition_info(workdir: str, setup: Setup, digest: str) -> None:
@@ -455,8 +667,7 @@ def _write_partition_info(workdir: str, setup: Setup, digest: str) -> None:
             "client_label_counts": [data_lib.client_label_counts(np.asarray(setup.dataset.y_train), parts,
                                                                   int(setup.offsets[-1])).tolist()
                                     for parts in setup.partitions]}
-    with open(os.path.join(workdir, "partition.json"), "w") as f:
-        json.dump(info, f)
+    _write_json(os.path.join(workdir, "partition.json"), info)
 
 
 def _data_split(name: str):
@@ -475,11 +686,11 @@ def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
                "num_tasks": setup.num_tasks, "classes_per_task": np.diff(setup.offsets).tolist(),
                "test_sizes": sizes.tolist(), "dataset": setup.dataset.name, "backbone": setup.backbone.name,
                "backbone_source": setup.backbone.source, "data_split": _data_split(setup.dataset.name),
+               "communication": ledger.summarize_file(os.path.join(workdir, "metrics.jsonl")),
                "config": _config_json(setup.config)}
-    with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:  # kept apart: results.json is bit-reproducible
-        json.dump({"wall_seconds_last_session": round(seconds, 2), "devices": [str(d) for d in jax.devices()]}, f)
-    plotting.plot_results(results, workdir)
+    if distributed.is_primary():
+        plotting.plot_results(results, workdir)
+    _write_json(os.path.join(workdir, "run_info.json"),  # kept apart: results.json is bit-reproducible
+                {"wall_seconds_last_session": round(seconds, 2), "devices": [str(d) for d in jax.devices()]})
+    _write_json(os.path.join(workdir, "results.json"), results, indent=2)  # last: its presence means "finished"
     return results

@@ -24,6 +24,7 @@ import optax
 
 from lorm_jax import lora as lora_lib
 from lorm_jax import merging
+from lorm_jax import sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -75,16 +76,20 @@ class ClientFunctions:
     train: Callable      # (frozen, data, lora0, head0, idx, mask, keys, phase [2], lr_factor, class_mask) -> dict
     grams: Callable      # (gram_params, data, lora [K...], idx, mask, keys, lora_scale) -> (grams, head_grams, counts)
     evaluate: Callable   # (params, lora, head, data, idx [B], class_mask) -> (predictions [B], labels [B])
+    mesh: Any = None     # the device mesh ``train`` / ``grams`` are shard_mapped over (lorm_jax.sharding)
 
 
 def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weight_decay: float,
                            backbone_gram: str, alpha_backbone: float, head_gram: str, alpha_head: float,
-                           augment_grams: bool = True) -> ClientFunctions:
+                           augment_grams: bool = True, mesh=None) -> ClientFunctions:
     """Compile-once client programs for a backbone.
 
     ``prepare(data, idx [B], key, train: bool) -> model inputs`` gathers a batch from the task's device arrays and
     applies on-device augmentation (train) or the test transform. ``backbone_gram`` / ``head_gram`` are "diag" or
     "full"; full Grams are shrunk ``α G + (1 − α) diag(G)`` on the client, as the reference does.
+
+    ``train`` and ``grams`` are ``shard_map``-ed over ``mesh`` (default: a 1-device mesh): device i vmaps over its
+    own block of the client axis, which must be a multiple of the mesh size (:func:`run_chunked` pads it).
     """
 
     def loss_fn(params, frozen, inputs, labels, weights, class_mask):
@@ -152,9 +157,20 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
         logits = jnp.where(class_mask, head_logits(head, features), -jnp.inf)
         return jnp.argmax(logits, axis=-1), labels
 
-    train = jax.jit(jax.vmap(local_train, in_axes=(None, None, None, None, 0, 0, 0, None, None, None)))
-    grams = jax.jit(jax.vmap(local_grams, in_axes=(None, None, 0, 0, 0, 0, None)))
-    return ClientFunctions(train=train, grams=grams, evaluate=jax.jit(evaluate))
+    mesh = sharding.make_mesh(1) if mesh is None else mesh
+    c, r = jax.sharding.PartitionSpec(sharding.CLIENTS), jax.sharding.PartitionSpec()
+
+    def per_device(fn, in_axes):
+        """vmap over the local clients inside shard_map: no collective, the client axis stays sharded."""
+        specs = tuple(r if a is None else c for a in in_axes)
+        # check_vma off: the body has no collectives; replicated initial scan carries (the server LoRA, fresh
+        # optimizer state) become per-client values, which the varying-manual-axes check would reject.
+        return jax.jit(jax.shard_map(jax.vmap(fn, in_axes=in_axes), mesh=mesh, in_specs=specs, out_specs=c,
+                                     check_vma=False))
+
+    train = per_device(local_train, (None, None, None, None, 0, 0, 0, None, None, None))
+    grams = per_device(local_grams, (None, None, 0, 0, 0, 0, None))
+    return ClientFunctions(train=train, grams=grams, evaluate=jax.jit(evaluate), mesh=mesh)
 
 
 def _zero_grams(backbone, backbone_gram: str, head_gram: str):
@@ -165,18 +181,163 @@ def _zero_grams(backbone, backbone_gram: str, head_gram: str):
     return {p: zeros(d_in) for p, (_, d_in) in backbone.lora_shapes.items()}, hg
 
 
-def run_chunked(fn: Callable, per_client: tuple, shared_before: tuple, shared_after: tuple, chunk: int) -> Any:
-    """Call a vmapped client function on slices of at most ``chunk`` clients and concatenate the outputs.
+def chunk_layout(num: int, chunk: int, devices: int = 1) -> tuple[int, int]:
+    """``(clients per call, padded K)`` for ``num`` clients, at most ``chunk`` per call (``<= 0``: all), ``devices`` on
+    the mesh: the per-call size is a multiple of ``devices`` and the calls are balanced, so padding stays small
+    (K = 100, chunk 32, 1 device → 4 calls of 25, no padding; K = 10 on 8 devices → 1 call of 16, 6 no-op
+    clients)."""
+    if chunk <= 0 or chunk >= num:
+        cap = sharding.padded_size(num, devices)      # everything in one call
+    else:
+        cap = max(devices, chunk - chunk % devices)   # the largest multiple of the mesh size under the cap
+    calls = -(-num // cap)
+    per_call = sharding.padded_size(-(-num // calls), devices)
+    return per_call, per_call * calls
+
+
+def run_chunked(fn: Callable, per_client: tuple, shared_before: tuple, shared_after: tuple, chunk: int,
+                mesh=None) -> Any:
+    """Call a vmapped client function on groups of at most ``chunk`` clients and concatenate the outputs.
 
     ``fn(*shared_before, *per_client_slice, *shared_after)``; ``chunk <= 0`` means all clients at once. Each client's
     computation depends only on its own inputs and keys, so the result does not depend on the chunk size.
+
+    With a ``mesh`` (``fn`` built by :func:`build_client_functions` on it), every group is a multiple of the mesh size
+    and is placed sharded over ``clients`` (shared arguments replicated): the client axis is zero-padded with no-op
+    clients (all-False masks) to a whole number of equal groups, one compiled shape, and the outputs are trimmed back
+    to the ``K`` real clients. Without a mesh, the arguments are passed as they are.
     """
     num = jax.tree.leaves(per_client)[0].shape[0]
-    if chunk <= 0 or chunk >= num:
-        return fn(*shared_before, *per_client, *shared_after)
-    outs = [fn(*shared_before, *jax.tree.map(lambda x: x[i:i + chunk], per_client), *shared_after)
-            for i in range(0, num, chunk)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+    devices = 1 if mesh is None else sharding.mesh_size(mesh)
+    per_call, total = chunk_layout(num, chunk, devices)
+    if mesh is not None:
+        shared_before, shared_after = sharding.replicate((shared_before, shared_after), mesh)
+    per_client = sharding.pad_clients(per_client, total)
+    outs = []
+    for i in range(0, total, per_call):
+        part = per_client if per_call == total else jax.tree.map(lambda x: x[i:i + per_call], per_client)
+        if mesh is not None:
+            part = sharding.put_clients(part, mesh)
+        outs.append(fn(*shared_before, *part, *shared_after))
+    out = outs[0] if len(outs) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+    out = out if total == num else jax.tree.map(lambda x: x[:num], out)
+    if mesh is not None and jax.process_count() > 1:
+        # Multi-host: all-gather the (small) per-client outputs so host code on every process can read them; the
+        # merge then runs replicated. On one host they stay sharded and the merge's client sums are all-reduces.
+        out = sharding.replicate(out, mesh)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory planner: how many clients fit in one vmapped call
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes of one client in the vmapped programs, and the chunk size they allow on each device."""
+    lora_bytes: int          # trainable LoRA factors + head of one client
+    optimizer_bytes: int     # AdamW moments, gradients, updates and the step's select copies (≈ 5× the params)
+    activation_bytes: int    # one local step at the training batch: every forward intermediate (an upper bound)
+    gram_full_bytes: int     # Gram sums of one client with full [d, d] Grams (every LoRA layer + head)
+    gram_diag_bytes: int     # … with diagonal [d] Grams
+    gram_bytes: int          # … in the configured layout
+    per_client_bytes: int    # max(training, Gram pass) per client
+    shared_bytes: int        # replicated on every device: backbone params + task data
+    budget_bytes: int        # usable bytes per device
+    devices: int
+    num_clients: int
+    chunk: int               # clients per vmapped call (all devices together)
+
+    def table(self) -> str:
+        mb = lambda b: f"{b / 2**20:10.2f} MiB"
+        rows = [("LoRA + head", self.lora_bytes), ("optimizer state + grads", self.optimizer_bytes),
+                ("activations per batch", self.activation_bytes), ("Grams (full)", self.gram_full_bytes),
+                ("Grams (diagonal)", self.gram_diag_bytes), ("per client (plan)", self.per_client_bytes),
+                ("shared per device", self.shared_bytes), ("budget per device", self.budget_bytes)]
+        lines = [f"  {name:<24}{mb(b)}" for name, b in rows]
+        lines.append(f"  -> {self.chunk} clients per vmapped call over {self.devices} device(s), "
+                     f"{-(-self.num_clients // self.chunk)} call(s) for K = {self.num_clients}")
+        return "memory plan (bytes per client):\n" + "\n".join(lines)
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def _jaxpr_bytes(jaxpr) -> int:
+    """Σ bytes of every value a jaxpr (and its sub-jaxprs) produces: an upper bound on the live activations."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in eqn.outvars
+                     if hasattr(v.aval, "shape"))
+        for p in eqn.params.values():
+            for q in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(q, jax.extend.core.ClosedJaxpr):
+                    total += _jaxpr_bytes(q.jaxpr)
+                elif isinstance(q, jax.extend.core.Jaxpr):
+                    total += _jaxpr_bytes(q)
+    return total
+
+
+def activation_bytes(backbone, rank: int, batch: int, max_len: int = 32) -> int:
+    """Bytes of every intermediate of one forward pass at ``batch`` (traced, not compiled: no device work).
+
+    XLA fuses elementwise ops and frees what backward does not need, so this over-estimates (≈ 3× for ViTs); it is
+    meant as a safe bound for the planner, not a measurement.
+    """
+    lora = {p: {"A": jax.ShapeDtypeStruct((rank, d_in), jnp.float32),
+                "B": jax.ShapeDtypeStruct((d_out, rank), jnp.float32)}
+            for p, (d_out, d_in) in backbone.lora_shapes.items()}
+    if backbone.kind == "text":
+        ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
+        inputs = {"input_ids": ids, "attention_mask": ids}
+    else:
+        inputs = jax.ShapeDtypeStruct((batch, backbone.image_size, backbone.image_size, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda lo, x: backbone.apply(backbone.params, lo, x)[0])(lora, inputs)
+    return _jaxpr_bytes(jaxpr.jaxpr)
+
+
+def device_budget(devices, fraction: float = 0.5) -> int:
+    """``fraction`` of the free memory of one device: accelerator memory stats, or on CPU the available host RAM
+    shared by the local CPU devices."""
+    d = devices[0]
+    stats = d.memory_stats() if d.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        import psutil
+        free = psutil.virtual_memory().available // max(1, len([x for x in devices if x.process_index ==
+                                                                 jax.process_index()]))
+    return int(fraction * free)
+
+
+def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batch_size: int, gram_batch_size: int,
+                backbone_gram: str, head_gram: str, shared_bytes: int = 0, mesh=None, budget_bytes: int | None = None,
+                max_len: int = 32) -> MemoryPlan:
+    """Bytes per client of the training and Gram programs and the chunk size (clients per vmapped call, a multiple
+    of the mesh size) that fits ``budget_bytes`` per device (default :func:`device_budget`) after ``shared_bytes``."""
+    mesh = sharding.make_mesh(1) if mesh is None else mesh
+    devices = sharding.mesh_size(mesh)
+    f = backbone.feature_dim
+    lora = sum(rank * (d_in + d_out) for d_out, d_in in backbone.lora_shapes.values())
+    params = 4 * (lora + num_classes * (f + 1))
+    diag = 4 * (sum(d_in for _, d_in in backbone.lora_shapes.values()) + f)
+    full = 4 * (sum(d_in * d_in for _, d_in in backbone.lora_shapes.values()) + f * f)
+    grams = {("diag", "diag"): diag}.get((backbone_gram, head_gram))
+    if grams is None:
+        grams = (full if backbone_gram == "full" else diag - 4 * f) + 4 * (f * f if head_gram == "full" else f)
+    act_train = activation_bytes(backbone, rank, batch_size, max_len)
+    act_gram = act_train if gram_batch_size == batch_size else activation_bytes(backbone, rank, gram_batch_size,
+                                                                                max_len)
+    optimizer = 5 * params
+    per_client = max(params + optimizer + act_train, params + 2 * grams + act_gram)
+    budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
+    per_device = max(1, (budget - shared_bytes) // per_client)
+    chunk, _ = chunk_layout(num_clients, per_device * devices, devices)
+    return MemoryPlan(lora_bytes=params, optimizer_bytes=optimizer, activation_bytes=act_train,
+                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, per_client_bytes=per_client,
+                      shared_bytes=int(shared_bytes), budget_bytes=budget, devices=devices, num_clients=num_clients,
+                      chunk=chunk)
 
 
 def stack_clients(tree, num_clients: int):
@@ -185,4 +346,5 @@ def stack_clients(tree, num_clients: int):
 
 
 def numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)
+    """Host numpy copy of a pytree, on every process (global client-sharded arrays are all-gathered)."""
+    return sharding.gather(tree)

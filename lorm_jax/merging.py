@@ -117,6 +117,30 @@ def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
     return out.astype(jnp.float32)
 
 
+def gram_health(gram: jax.Array, *, dtype=None) -> dict:
+    """How :func:`solve_gram` sees a summed Gram ``G`` (full [d, d] or diagonal [d]), as float32 scalars.
+
+    * ``min_pivot``: smallest squared Cholesky pivot of the Jacobi-scaled live block ``D^{-1/2} G D^{-1/2}`` (unit
+      diagonal): 1 when the live features are orthogonal, ``~1/cond`` when ill-conditioned, 0 when singular. Always 1
+      for a diagonal Gram (its solve is an exact division).
+    * ``pinv``: 1 when the eigh pseudo-inverse fallback is taken (``min_pivot <= SINGULAR_PIVOT``), else 0.
+    * ``dead``: features with a zero diagonal (no input energy; their merged columns are 0).
+    """
+    dtype = _compute_dtype(dtype)
+    gram = gram.astype(dtype)
+    diag = gram if gram.ndim == 1 else jnp.diagonal(gram)
+    dead = jnp.sum(diag <= 0).astype(jnp.float32)
+    if gram.ndim == 1:
+        return {"min_pivot": jnp.float32(1.0), "pinv": jnp.float32(0.0), "dead": dead}
+    live = diag > 0
+    inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
+    g_scaled = jnp.where(jnp.eye(gram.shape[0], dtype=bool), 1, gram * inv_sqrt[:, None] * inv_sqrt[None, :])
+    pivot = jnp.min(jnp.diagonal(jnp.linalg.cholesky(g_scaled, symmetrize_input=False))) ** 2
+    pivot = jnp.where(jnp.isfinite(pivot), pivot, 0.0)
+    return {"min_pivot": pivot.astype(jnp.float32), "pinv": (pivot <= SINGULAR_PIVOT[dtype]).astype(jnp.float32),
+            "dead": dead}
+
+
 def client_sum(x: jax.Array) -> jax.Array:
     """``Σ_k x_k`` over the leading axis as a contraction with ones (XLA:CPU reduces a leading axis ~30× slower)."""
     return jnp.tensordot(jnp.ones(x.shape[0], x.dtype), x, axes=1, precision=HIGHEST)
@@ -284,3 +308,52 @@ def solve_gram_tree(e: dict, grams: dict, *, dtype=None) -> dict:
 def fedavg_tree(tree, weights: jax.Array | None = None):
     """Sample-weighted mean over the leading client axis of every leaf of a client-stacked pytree."""
     return jax.tree.map(lambda x: fedavg(x, weights), tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diagnostics: how well a merged low-rank update reproduces the clients' responses.
+
+def merge_residuals(client_b: jax.Array, client_a: jax.Array, b: jax.Array, a: jax.Array, grams: jax.Array, *,
+                    dtype=None) -> jax.Array:
+    """Relative response-matching residuals ``[ρ(B A), ρ(ΔW*)]`` of one layer, with ``ΔW_k = B_k A_k``::
+
+        ρ(W) = Σ_k tr((W − ΔW_k) G_k (W − ΔW_k)ᵀ) / Σ_k tr(ΔW_k G_k ΔW_kᵀ)        (0 when the denominator is 0)
+        ΔW*  = (Σ_k ΔW_k G_k)(Σ_k G_k)^+    the RegMean optimum, so ρ(ΔW*) ≤ ρ(W) for every W
+
+    client_b [K, d_out, r], client_a [K, r, d_in], b [d_out, r], a [r, d_in], grams [K, d_in(, d_in)] → [2] float32.
+    ``ρ(B A)`` uses the low-rank form ``tr((P_kᵀ P_k)(Q_k G_k Q_kᵀ))`` with ``P_k = [B, −B_k]``, ``Q_k = [A; A_k]``
+    (O(K r² d) for diagonal Grams); ``ρ(ΔW*)`` evaluates ``tr(W G Wᵀ) − 2 tr(W Eᵀ) + Σ_k tr(ΔW_k G_k ΔW_kᵀ)`` at the
+    computed ``W = ΔW*`` (``E = Σ_k ΔW_k G_k``), which costs what the RegMean solve costs.
+    """
+    dtype = _compute_dtype(dtype)
+    client_b, client_a, b, a, grams = (x.astype(dtype) for x in (client_b, client_a, b, a, grams))
+    k = client_b.shape[0]
+    p = jnp.concatenate([jnp.broadcast_to(b, (k,) + b.shape), -client_b], axis=2)   # [K, d_out, 2r]
+    q = jnp.concatenate([jnp.broadcast_to(a, (k,) + a.shape), client_a], axis=1)    # [K, 2r, d_in]
+    ptp = jnp.einsum("kor,kos->krs", p, p, precision=HIGHEST)
+    if is_diagonal(grams):
+        qgq = jnp.einsum("krd,kd,ksd->krs", q, grams, q, precision=HIGHEST)
+    else:
+        qgq = jnp.einsum("krd,kde,kse->krs", q, grams, q, precision=HIGHEST)
+    r = a.shape[0]
+    num = jnp.sum(ptp * qgq)
+    den = jnp.sum(ptp[:, r:, r:] * qgq[:, r:, r:])                                   # Σ_k tr(ΔW_k G_k ΔW_kᵀ)
+    e = jnp.einsum("kor,krd->od", client_b, _weighted_rows(client_a, grams), precision=HIGHEST)
+    total = client_sum(grams)
+    w = solve_gram(e, total, dtype=dtype).astype(dtype)
+    wgw = jnp.sum(w * w * total) if total.ndim == 1 else jnp.sum(_mm(w, total) * w)
+    num_star = jnp.maximum(wgw - 2 * jnp.sum(w * e) + den, 0)
+    safe = jnp.where(den > 0, den, 1)
+    return jnp.where(den > 0, jnp.stack([jnp.maximum(num, 0), num_star]) / safe, 0).astype(jnp.float32)
+
+
+def merge_residuals_tree(client_lora: dict, merged_lora: dict, grams: dict, *, dtype=None) -> dict:
+    """:func:`merge_residuals` of every LoRA layer: ``{path: [ρ(B A), ρ(ΔW*)]}``.
+
+    client_lora ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}``, merged_lora unstacked, grams ``{path: [K, ...]}``.
+    """
+    def fn(f, m, g):
+        return merge_residuals(f["B"], f["A"], m["B"], m["A"], g, dtype=dtype)
+    merged = {p: {"A": merged_lora[p]["A"], "B": merged_lora[p]["B"]} for p in client_lora}
+    grams = {p: grams[p] for p in client_lora}
+    return map_layers(fn, client_lora, merged, grams, sequential=_any_full(grams, client_axis=True))

@@ -291,14 +291,28 @@ def _load_fashion_mnist(data_dir: str = FASHION_MNIST_DIR) -> ArrayDataset:
             f"Fashion-MNIST files not found in {data_dir!r} (missing: {', '.join(missing)}). Install them with "
             f"`sudo apt-get install dataset-fashion-mnist` (files go to {FASHION_MNIST_DIR}), pass data_dir=..., "
             f"or use the pip-only fallback dataset 'digits' (load_with_fallback('fashion_mnist') does this).")
-    arrs = {k: read_idx(p) for k, p in paths.items()}
+    fix = (f"Fix: reinstall the files (`sudo apt-get install --reinstall dataset-fashion-mnist`, into "
+           f"{FASHION_MNIST_DIR}) or point data_dir (config.data.options.data_dir) at an intact copy")
+    arrs = {}
+    for k, p in paths.items():
+        try:
+            arrs[k] = read_idx(p)
+        except DatasetFormatError as e:
+            raise DatasetFormatError(f"{e}. {fix}") from e
+        # magic 0x00000803 (uint8, 3 dims [N, 28, 28]) for images, 0x00000801 (uint8, 1 dim [N]) for labels
+        want = (3, (28, 28)) if k.startswith("x") else (1, ())
+        if arrs[k].dtype != np.uint8 or arrs[k].ndim != want[0] or arrs[k].shape[1:] != want[1]:
+            raise DatasetFormatError(
+                f"{p!r} is not a Fashion-MNIST {'image' if k.startswith('x') else 'label'} file: expected uint8 "
+                f"[N{''.join(f', {d}' for d in want[1])}] (idx magic 0x0000080{want[0]}), found {arrs[k].dtype} "
+                f"{list(arrs[k].shape)}. {fix}")
     for split in ("tr", "te"):
         x, y = arrs["x" + split], arrs["y" + split]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
+        if len(x) != len(y):
             raise DatasetFormatError(f"Fashion-MNIST files {paths['x' + split]!r} / {paths['y' + split]!r} are "
-                                     f"inconsistent: images {x.dtype}{x.shape}, labels {y.shape}")
+                                     f"inconsistent: {len(x)} images but {len(y)} labels. {fix}")
         if len(y) and y.max() >= len(FASHION_MNIST_CLASSES):
-            raise DatasetFormatError(f"{paths['y' + split]!r} has labels >= 10")
+            raise DatasetFormatError(f"{paths['y' + split]!r} has labels >= 10. {fix}")
     return ArrayDataset(
         name="fashion_mnist", kind="image",
         x_train=arrs["xtr"][..., None], y_train=arrs["ytr"].astype(np.int32),
@@ -371,7 +385,11 @@ def _load_wordnet(pos: Sequence[str], name: str, data_dir: str = WORDNET_DIR, te
     texts: list[str] = []
     lex_parts = []
     for p in files:
-        t, l = parse_wordnet_data(p, first_clause=first_clause)
+        try:
+            t, l = parse_wordnet_data(p, first_clause=first_clause)
+        except DatasetFormatError as e:
+            raise DatasetFormatError(f"{e}. Fix: reinstall the files (`sudo apt-get install --reinstall wordnet-base`, "
+                                     f"into {WORDNET_DIR}) or point data_dir at an intact copy") from e
         texts.extend(t)
         lex_parts.append(l)
     lex = np.concatenate(lex_parts) if lex_parts else np.zeros(0, np.int32)

@@ -1,0 +1,101 @@
+"""Pieces the strategies share: the head merge, leaving excluded clients out, cross-task merges, payload declarations.
+
+Payload vocabulary (what the communication ledger, :mod:`lorm_jax.ledger`, sizes from the actual arrays):
+
+    upload   "A", "B"        the client's trained factor(s)            {path: [r, d_in]} / {path: [d_out, r]}
+             "grams"         backbone Grams of every LoRA layer        {path: [d_in] or [d_in, d_in]}
+             "head"          the head rows of the current task         w [C_t, F], b [C_t]
+             "head_gram"     the head Gram (RegMean head only)         [F] or [F, F]
+             "num_samples"   n_k (weights the bias / FedAvg)           one float32
+    download "A", "B"        the server factor(s) that changed since the client last had them
+             "head"          the head rows of the current task
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lorm_jax import merging
+
+HEAD_MERGES = ("regmean", "fedavg")
+
+
+def check_head_merge(how: str) -> str:
+    if how not in HEAD_MERGES:
+        raise ValueError(f"config.head_merge = {how!r} is invalid: one of {list(HEAD_MERGES)}")
+    return how
+
+
+def keep_included(tree, weights: jax.Array):
+    """Replace every client with weight 0 (excluded for non-finite parameters, or without data) by a copy of the first
+    included one, on every leaf of a client-stacked pytree.
+
+    An excluded client already has zero weight and zero Grams, but ``0 · NaN = NaN`` would still poison a weighted
+    sum; the copy is finite and weighted by 0, and a factor frozen this round stays the server's.
+    """
+    include = jnp.asarray(weights) > 0
+    first = jnp.argmax(include)  # 0 when nobody is included (the merge is then meaningless anyway)
+
+    def fix(x):
+        keep = include.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, x, x[first])
+    return jax.tree.map(fix, tree)
+
+
+def merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype=jnp.float32, how="regmean"):
+    """Server merge of the head; rows outside ``task_rows`` [C] are copied from ``server_head``.
+
+    how = "regmean":  W = (Σ_k W_k G̃_k^head)(Σ_k G̃_k^head)^+   (LORM_SPEC §7)
+    how = "fedavg":   W = Σ_k n_k W_k / Σ_k n_k
+    The bias is always the sample-weighted mean ``Σ_k n_k b_k / Σ_k n_k``. client_heads: w [K, C, F], b [K, C].
+    """
+    client_heads = keep_included(client_heads, num_samples)
+    if check_head_merge(how) == "regmean":
+        w = merging.regmean(client_heads["w"], head_grams, dtype=dtype)
+    else:
+        w = merging.fedavg(client_heads["w"], num_samples)
+    b = merging.fedavg(client_heads["b"], num_samples)
+    return {"w": jnp.where(task_rows[:, None], w, server_head["w"]), "b": jnp.where(task_rows, b, server_head["b"])}
+
+
+def fedavg_lora(client_lora, num_samples, trained: str) -> dict:
+    """Sample-weighted FedAvg of the ``trained`` factors ("A", "B" or "AB"); the others pass through from a client
+    (they are the server's, identical on every client). client_lora {path: {"A": [K, r, d_in], "B": [K, d_out, r]}}."""
+    client_lora = keep_included(client_lora, num_samples)
+    return {p: {name: merging.fedavg(x, num_samples) if name in trained else x[0].astype(jnp.float32)
+                for name, x in f.items()} for p, f in client_lora.items()}
+
+
+def mean_task_deltas(past_b, past_a, num_tasks: int) -> dict:
+    """``ΔW_eval = (1/T) Σ_{τ<T} B_τ A_τ`` per layer (the reference's ``cl_merge="individual_mean"``).
+
+    past_b {path: [T_max, d_out, r]}, past_a {path: [T_max, r, d_in]} → {path: [d_out, d_in]}.
+    """
+    return {p: jnp.einsum("tor,trd->od", past_b[p][:num_tasks], past_a[p][:num_tasks],
+                          precision=jax.lax.Precision.HIGHEST) / num_tasks for p in past_b}
+
+
+def regmean_task_deltas(past_b, past_a, task_grams, num_tasks: int, dtype=jnp.float32) -> dict:
+    """Cross-task RegMean ``ΔW_eval = (Σ_τ B_τ A_τ G_τ)(Σ_τ G_τ)^+`` (LORM_SPEC §8; t = 0: ``B_0 A_0``).
+
+    task_grams {path: [T_max, d_in(, d_in)]}, each ``G_τ`` summed over the clients of task τ.
+    """
+    if num_tasks == 1:  # the reference keeps W0 + B_0 A_0 (equal to the merge when G_0 has full rank)
+        return {p: jnp.matmul(past_b[p][0], past_a[p][0], precision=jax.lax.Precision.HIGHEST) for p in past_b}
+    layers = {p: {"b": past_b[p][:num_tasks], "a": past_a[p][:num_tasks]} for p in past_b}
+    grams = {p: task_grams[p][:num_tasks] for p in past_b}
+    return merging.map_layers(lambda f, g: merging.regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers, grams,
+                              sequential=any(g.ndim == 3 for g in grams.values()))
+
+
+def uploads(trained: str, backbone_grams: bool, head_merge: str) -> tuple[str, ...]:
+    """What a client sends after a round: its trained factor(s), Grams if the server needs them, head, n_k."""
+    return (tuple(trained) + (("grams",) if backbone_grams else ()) + ("head",)
+            + (("head_gram",) if head_merge == "regmean" else ()) + ("num_samples",))
+
+
+def downloads(method, round_idx: int) -> tuple[str, ...]:
+    """What a client receives before round ``round_idx``: the whole fresh LoRA at a task's start, afterwards only the
+    factor(s) merged in the previous round (the others did not change), and the current task's head rows."""
+    changed = "AB" if round_idx == 0 else method.train_factor(round_idx - 1)
+    return tuple(changed) + ("head",)

@@ -1,0 +1,114 @@
+"""The device mesh: the client axis sharded over devices (and over hosts), everything shared replicated.
+
+One code path for 1 device and for N (on one host or many): the client programs of :mod:`lorm_jax.federated` are
+``shard_map``-ed over the mesh axis ``clients``, so device i runs ``vmap`` over its own ``K / N`` clients with no
+communication at all; the frozen backbone, the task data and the server state are replicated. The server merge then
+runs under ``jit`` on client-sharded inputs and GSPMD turns every client sum ``Σ_k`` (``Σ A_k G_k``, ``Σ G_k``, …)
+into a local sum plus an all-reduce over ``clients``.
+
+Shapes::
+
+    per-client leaf   [K, ...]   NamedSharding(mesh, P("clients"))   K a multiple of the mesh size (see pad_clients)
+    shared leaf       [...]      NamedSharding(mesh, P())            replicated on every device
+
+Multi-host: the mesh spans ``jax.devices()`` (all processes, see :mod:`lorm_jax.distributed`). Host arrays become
+global arrays through :func:`jax.make_array_from_callback`, so each process transfers only the shards of the
+devices it owns; :func:`gather` brings a global array back to every host (an all-gather across processes when the
+array spans devices this process cannot address).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+CLIENTS = "clients"
+
+
+def make_mesh(clients: int = 0, devices=None) -> Mesh:
+    """A 1-D mesh ``("clients",)`` over the first ``clients`` of ``devices`` (default ``jax.devices()``, i.e. every
+    device of every process); ``clients <= 0`` means all of them."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if clients is None or clients <= 0 else int(clients)
+    if n > len(devices):
+        raise ValueError(f"config.mesh_clients = {n} is invalid: only {len(devices)} devices are visible "
+                         f"({devices[0].platform}); on CPU, more host devices need "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is imported")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(f"config.mesh_clients = {n} is invalid in a multi-process run: the mesh must span all "
+                         f"{len(devices)} devices of the {jax.process_count()} processes (use 0)")
+    return Mesh(np.asarray(devices[:n]), (CLIENTS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def mesh_size(mesh: Mesh) -> int:
+    """Number of devices on the ``clients`` axis."""
+    return int(mesh.shape[CLIENTS])
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(CLIENTS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_size(num: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``num`` (>= ``multiple``)."""
+    return max(1, -(-num // multiple)) * multiple
+
+
+def pad_clients(tree, size: int):
+    """Pad the leading client axis of every leaf with zeros to ``size``.
+
+    A zero-padded client is a no-op client for the federated programs: its step masks are all False, so it never
+    updates anything and its Gram sums and sample count are 0. Callers trim the outputs back to the real clients.
+    """
+    def pad(x):
+        extra = size - x.shape[0]
+        if extra < 0:
+            raise ValueError(f"cannot pad a client axis of {x.shape[0]} down to {size}")
+        if extra == 0:
+            return x
+        if isinstance(x, np.ndarray):
+            return np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
+        return jax.numpy.concatenate([x, jax.numpy.zeros((extra,) + x.shape[1:], x.dtype)])
+    return jax.tree.map(pad, tree)
+
+
+def _on(x, sharding: NamedSharding) -> bool:
+    return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+
+
+def _put(x, sharding: NamedSharding):
+    if _on(x, sharding):
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda y: y, out_shardings=sharding)(x)  # a global array on another layout: reshard on device
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def put_clients(tree, mesh: Mesh):
+    """Place a client-stacked pytree (leading axis a multiple of the mesh size) sharded over ``clients``."""
+    n = mesh_size(mesh)
+    bad = [x.shape for x in jax.tree.leaves(tree) if x.shape[0] % n]
+    if bad:
+        raise ValueError(f"client axis of shapes {bad} is not a multiple of the {n} devices of the mesh; "
+                         f"pad it first (sharding.pad_clients)")
+    return jax.tree.map(lambda x: _put(x, client_sharding(mesh)), tree)
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a pytree replicated on every device of ``mesh`` (leaves already there are returned as they are)."""
+    return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def gather(tree):
+    """Every leaf as a host numpy array, on every process (an all-gather where a leaf spans other hosts' devices)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
