@@ -100,7 +100,7 @@ def _finite_or_nan_matrix(path, x) -> bool:
 
 
 def latest_step(workdir: str) -> int | None:
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not os.path.isdir(_directory(workdir)):
         return None
     with _manager(workdir, clean=False) as mngr:  # a query changes nothing; orbax lists finished steps only
         return mngr.latest_step()

@@ -231,7 +231,7 @@ def _plan_chunk(c, backbone, mesh, num_classes: int, train, test) -> int:
     """``config.client_chunk``, or (0) the memory plan's clients per call; the plan is logged before the run."""
     if c.client_chunk:
         return c.client_chunk
-    shared = federated.tree_bytes((backbone.params, train, test))
+    shared = ledger.nbytes((backbone.params, train, test))
     plan = federated.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
                                  batch_size=c.batch_size, gram_batch_size=c.gram_batch_size or c.batch_size,
                                  backbone_gram="diag" if c.alpha_backbone == 0 else "full",
@@ -369,9 +369,7 @@ def _drop_nonfinite_grams(grams: dict, head_grams, include: np.ndarray):
     ok = np.asarray(jnp.stack([jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1) for g in leaves]).all(0))
     if ok.all():
         return grams, head_grams, include
-    keep = jnp.asarray(include & ok)
-    zero_out = lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-    return jax.tree.map(zero_out, grams), zero_out(head_grams), include & ok
+    return (*_zero_clients((grams, head_grams), include & ok), include & ok)
 
 
 def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, scale: float, include: np.ndarray):
@@ -383,9 +381,13 @@ def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, s
     grams, head_grams, _ = federated.run_chunked(
         setup.fns.grams, (client_lora, jnp.asarray(idx), jnp.asarray(mask), keys),
         (gram_params, setup.train), (jnp.float32(scale),), setup.client_chunk, setup.fns.mesh)
+    return _zero_clients((grams, head_grams), include)
+
+
+def _zero_clients(tree, include: np.ndarray):
+    """Zero the entries of the clients not in ``include`` [K] on every leaf of a client-stacked pytree."""
     keep = jnp.asarray(include)
-    zero_out = lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-    return jax.tree.map(zero_out, grams), zero_out(head_grams)
+    return jax.tree.map(lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), tree)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")

@@ -259,11 +259,6 @@ class MemoryPlan:
         return "memory plan (bytes per client):\n" + "\n".join(lines)
 
 
-def tree_bytes(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
-                   for x in jax.tree.leaves(tree)))
-
-
 def _jaxpr_bytes(jaxpr) -> int:
     """Σ bytes of every value a jaxpr (and its sub-jaxprs) produces: an upper bound on the live activations."""
     total = 0

@@ -34,12 +34,8 @@ DOWNLOAD_ITEMS = ("A", "B", "head")
 
 
 def nbytes(tree) -> int:
-    """Total bytes of the array leaves of a pytree (nested dicts / lists of arrays)."""
-    if isinstance(tree, dict):
-        return sum(nbytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(nbytes(v) for v in tree)
-    return int(np.prod(tree.shape)) * np.dtype(tree.dtype).itemsize
+    """Total bytes of the array leaves of a pytree (arrays or ``jax.ShapeDtypeStruct``)."""
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def client_payload(items, client_lora, grams, client_heads, head_grams, num_samples, task_rows) -> dict:

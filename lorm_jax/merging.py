@@ -96,13 +96,20 @@ def _cholesky_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x, jnp.where(jnp.isfinite(pivot), pivot, 0.0)
 
 
-def _full_solve(e: jax.Array, g: jax.Array) -> jax.Array:
-    """``E G^+`` for a symmetric PSD ``G`` [d, d] and ``E`` [m, d] (see the module docstring)."""
+def _jacobi_scale(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(D^{-1/2} G D^{-1/2}, D^{-1/2})`` for a PSD ``G`` [d, d] with ``D = diag(G)``: unit diagonal.
+
+    Dead features (zero Gram diagonal ⇒ zero row/column of a PSD matrix) get ``D^{-1/2} = 0`` and an identity row.
+    """
     diag = jnp.diagonal(g)
     live = diag > 0
     inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
-    # Dead features (zero Gram diagonal ⇒ zero row/column of a PSD matrix) become identity rows; their E columns are 0.
-    g_scaled = jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :])
+    return jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :]), inv_sqrt
+
+
+def _full_solve(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E G^+`` for a symmetric PSD ``G`` [d, d] and ``E`` [m, d] (see the module docstring)."""
+    g_scaled, inv_sqrt = _jacobi_scale(g)
     x_scaled, pivot = _cholesky_solve(e * inv_sqrt, g_scaled)
     fast = x_scaled * inv_sqrt
     ok = (pivot > SINGULAR_PIVOT[g.dtype]) & jnp.all(jnp.isfinite(fast))
@@ -132,9 +139,7 @@ def gram_health(gram: jax.Array, *, dtype=None) -> dict:
     dead = jnp.sum(diag <= 0).astype(jnp.float32)
     if gram.ndim == 1:
         return {"min_pivot": jnp.float32(1.0), "pinv": jnp.float32(0.0), "dead": dead}
-    live = diag > 0
-    inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
-    g_scaled = jnp.where(jnp.eye(gram.shape[0], dtype=bool), 1, gram * inv_sqrt[:, None] * inv_sqrt[None, :])
+    g_scaled, _ = _jacobi_scale(gram)
     pivot = jnp.min(jnp.diagonal(jnp.linalg.cholesky(g_scaled, symmetrize_input=False))) ** 2
     pivot = jnp.where(jnp.isfinite(pivot), pivot, 0.0)
     return {"min_pivot": pivot.astype(jnp.float32), "pinv": (pivot <= SINGULAR_PIVOT[dtype]).astype(jnp.float32),
