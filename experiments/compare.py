@@ -54,8 +54,9 @@ def _unit_seconds(workdir: str) -> float:
         return float(sum(json.loads(line).get("seconds", 0.0) for line in f if line.strip()))
 
 
-def run_all(config, methods, betas, seeds, out: str, progress: bool = False) -> list[dict]:
-    """Run (or reuse) every combination; one record per run."""
+def run_all(config, methods, betas, seeds, out: str, progress: bool = False, reuse_only: bool = False) -> list[dict]:
+    """Run (or reuse) every combination; one record per run. ``reuse_only`` trains nothing: it collects the finished
+    runs (those with a ``results.json``, e.g. written by parallel workers or on another machine) and logs the rest."""
     unknown = [m for m in methods if m not in methods_lib.NAMES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; valid: {list(methods_lib.NAMES)}")
@@ -64,6 +65,9 @@ def run_all(config, methods, betas, seeds, out: str, progress: bool = False) -> 
         for method in methods:
             for seed in seeds:
                 workdir = os.path.join(out, run_name(method, beta, seed))
+                if reuse_only and not os.path.exists(os.path.join(workdir, "results.json")):
+                    logging.warning("compare: %s is not finished; left out (--reuse_only)", workdir)
+                    continue
                 logging.info("compare: %s", workdir)
                 results = continual.run(variant(config, method, beta, seed), workdir, progress=progress)
                 comm = results.get("communication", {})
@@ -148,11 +152,14 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     return path
 
 
-def compare(config, methods, betas, seeds, out: str, title: str = "", progress: bool = False) -> str:
+def compare(config, methods, betas, seeds, out: str, title: str = "", progress: bool = False,
+            reuse_only: bool = False) -> str:
     """Run the study and write ``comparison.md``, ``comparison.json`` and ``accuracy_vs_task.png`` into ``out``;
     returns the markdown table."""
     os.makedirs(out, exist_ok=True)
-    records = run_all(config, methods, betas, seeds, out, progress=progress)
+    records = run_all(config, methods, betas, seeds, out, progress=progress, reuse_only=reuse_only)
+    if not records:
+        raise SystemExit(f"no finished runs in {out}")
     rows = aggregate(records)
     table = markdown_table(rows, title)
     with open(os.path.join(out, "comparison.md"), "w") as f:
@@ -177,6 +184,8 @@ def main(argv=None) -> str:
     flags.DEFINE_list("seeds", ["0"], "seeds (config.seed)", flag_values=fv)
     flags.DEFINE_string("out", None, "study directory (default runs/compare/<config file name>)", flag_values=fv)
     flags.DEFINE_bool("progress", False, "progress bars of the runs", flag_values=fv)
+    flags.DEFINE_bool("reuse_only", False, "train nothing: tabulate the finished runs in --out (e.g. from parallel "
+                      "workers) and warn about the missing ones", flag_values=fv)
     fv(argv)
     if fv.config is None:
         raise SystemExit("--config is required")
@@ -186,7 +195,7 @@ def main(argv=None) -> str:
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(fv["config"])))[0]
     out = fv.out or os.path.join("runs", "compare", name)
     table = compare(fv.config, fv.methods, [float(b) for b in fv.betas], [int(s) for s in fv.seeds], out,
-                    title=name, progress=fv.progress)
+                    title=name, progress=fv.progress, reuse_only=fv.reuse_only)
     print(table)
     print(f"\ntable: {os.path.join(out, 'comparison.md')}\nplot: {os.path.join(out, 'accuracy_vs_task.png')}")
     return table

@@ -50,6 +50,9 @@ def test_compare_two_methods_then_reuse_through_the_cli(tmp_path, monkeypatch):
     argv = ["compare.py", "--config", os.path.join(REPO, "configs/tiny.py"), "--methods", "lorm,fedavg_lora",
             "--betas", "0.5", "--seeds", "0", "--out", out] + [f"--config.{k}={v}" for k, v in SMALL.items()]
     assert compare.main(argv).replace("### tiny\n\n", "") == table.replace("### tiny\n\n", "")
+    # --reuse_only tabulates the finished runs and leaves the missing one (ffa_lora) out, training nothing
+    reuse = compare.main(argv[:4] + ["lorm,ffa_lora,fedavg_lora"] + argv[5:] + ["--reuse_only"])
+    assert "| ffa_lora" not in reuse and "| lorm" in reuse and "| fedavg_lora" in reuse
     with pytest.raises(ValueError, match="unknown methods"):
         compare.run_all(small_config(), ["nope"], [0.5], [0], out)
 
