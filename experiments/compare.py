@@ -14,6 +14,9 @@ per β.
     python experiments/compare.py --config configs/fmnist_dinov2.py --betas 0.5,0.1 --seeds 0,1,2 \\
         --out runs/compare/fmnist_dinov2 [--config.rounds=5 ...]
 
+Runs can be split over parallel workers (one ``--methods m --betas b --seeds s`` each, same ``--out``) or machines
+(copy the run directories) and tabulated afterwards with ``--reuse_only``, which trains nothing.
+
 Outputs in OUT: ``comparison.md`` (the table), ``comparison.json`` (rows and per-run records), ``accuracy_vs_task.png``.
 """
 from __future__ import annotations

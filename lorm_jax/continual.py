@@ -224,7 +224,7 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
                  task_train=task_train, task_test=task_test, partitions=partitions,
                  train_steps=max(1, c.epochs * math.ceil(largest / c.batch_size)),
                  gram_steps=max(1, c.gram_passes * math.ceil(largest / gram_bs)),
-                 fns=fns, method=methods.get(c.method, c), client_chunk=client_chunk)
+                 fns=fns, method=methods.Compiled(methods.get(c.method, c)), client_chunk=client_chunk)
 
 
 def _plan_chunk(c, backbone, mesh, num_classes: int, train, test) -> int:

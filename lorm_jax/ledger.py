@@ -116,11 +116,14 @@ def summarize(metric_lines) -> dict:
             "upload_bytes_per_client_by_item": by_item}
 
 
+_residuals_tree = jax.jit(merging.merge_residuals_tree, static_argnames="dtype")  # one compilation per run
+
+
 def diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
     """Merge diagnostics of a round (see the module docstring): ``{"merge_residual": {"mean", "max"},
     "regmean_residual": {"mean", "max"}}``. Excluded clients (``num_samples`` = 0) have zero Grams and drop out."""
     client_lora = common.keep_included(client_lora, num_samples)
-    per_layer = merging.merge_residuals_tree(client_lora, merged_lora, grams, dtype=dtype)
+    per_layer = _residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
     values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
     summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
     return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}

@@ -161,3 +161,25 @@ def test_cli_tiny_run(tmp_path):
         assert os.path.exists(os.path.join(workdir, name))
     assert len(results["accuracy_matrix"]) == 3
     assert "final average accuracy" in proc.stdout
+
+
+def test_a_repeated_round_compiles_nothing():
+    """Every program of a round (training, Grams, the server merge, diagnostics) is compiled once: a later round
+    that trains the same factor on the same shapes compiles nothing (eager merges re-compiled each ``lax.cond``)."""
+    import logging
+    # full backbone Grams: the merge switches between Cholesky and the eigh pseudo-inverse with a lax.cond
+    setup = continual.build_setup(small_config(rounds=3, alpha_backbone=0.5, eval_every_round=True))
+    state = continual.initial_state(setup)
+    state, _ = continual.run_round(setup, state, 0, 0)  # B
+    state, _ = continual.run_round(setup, state, 0, 1)  # A
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda record: compiled.append(record.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            continual.run_round(setup, state, 0, 2)  # B again
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in compiled if "Finished XLA compilation" in m], compiled

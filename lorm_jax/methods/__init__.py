@@ -20,6 +20,8 @@ linear_probe   head only             —                                        
 Every method merges the head with RegMean (``config.head_merge = "regmean"``, LORM_SPEC §7) or FedAvg ("fedavg"); the
 backbone Grams are diagonal or full according to ``config.alpha_backbone`` (0 = diagonal).
 """
+import jax
+
 from lorm_jax.methods.centralized import Centralized
 from lorm_jax.methods.fedavg_lora import FedAvgLoRA
 from lorm_jax.methods.linear_probe import LinearProbe
@@ -53,6 +55,21 @@ def get(name: str, config):
         raise ValueError(f"config.lr_a = {config.lr_a} and config.lr_b = {config.lr_b} differ, but method {name!r} "
                          f"trains A and B together with one learning rate: set them equal (or one to -1)")
     return method
+
+
+class Compiled:
+    """``method`` with its server merges compiled by ``jax.jit``: ``merge_round`` once per trained factor and
+    ``merge_tasks`` once per task count (shapes are fixed within a run). Eager merges dispatch hundreds of small ops
+    per round and re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on a GPU
+    costs seconds of compilation per round. Every other attribute is the wrapped method's."""
+
+    def __init__(self, method):
+        self.method = method
+        self.merge_round = jax.jit(method.merge_round, static_argnames=("factor",))
+        self.merge_tasks = jax.jit(method.merge_tasks, static_argnames=("num_tasks",))
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
 
 
 def effective_config(config):
