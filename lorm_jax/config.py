@@ -56,14 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.alpha_backbone = 0.0            # Gram shrinkage α for LoRA layers (0 = diagonal only, the paper setting)
     c.alpha_head = 0.5                # … for the head (reference 0.5; 0.3 on CUB-200)
     c.gram_passes = 1                 # data passes for Gram statistics (reference regmean_rounds)
-    c.gram_batch_size = 0             # 0 = batch_size; Grams do not depend on it
+    c.gram_batch_size = 0             # 0 = batch_size; examples per packed batch of the Gram pass (and the batch that
+                                      # numbers each client's Gram stream, hence its augmentation keys)
     c.gram_network = "filler"         # filler (reference quirk Q2) | trained (the clean variant W0 + B_t A_t)
     c.gram_augment = True             # Grams over train-augmented inputs, as the reference (Q7)
 
     c.eval_every_round = False        # also evaluate (filler model, Q8) after every round
     c.eval_batch_size = 128
-    c.client_chunk = 0                # clients per vmapped call (0 = auto: as many as the memory plan fits on the
-                                      # devices, all at once when they fit); results do not depend on it
+    c.client_lanes = 0                # vmapped lanes of local training, clients run back to back in each (0 = auto:
+                                      # one per device on CPU, ~ΣS/S_max on accelerators, capped by the memory plan;
+                                      # else a multiple of the mesh size); results do not depend on it
     c.mesh_clients = 0                # devices on the mesh's `clients` axis (0 = every device of every process)
     c.merge_dtype = "float32"         # float64 needs jax_enable_x64
     c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias: FedAvg)
@@ -162,7 +164,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if _get(c, key) < 1:
             _fail(key, _get(c, key), "must be an integer >= 1")
     for key in ("data.max_classes", "data.n_train_per_class", "data.n_test_per_class", "data.min_samples",
-                "gram_batch_size", "client_chunk", "mesh_clients", "seed"):
+                "gram_batch_size", "client_lanes", "mesh_clients", "seed"):
         if _get(c, key) < 0:
             _fail(key, _get(c, key), "must be an integer >= 0" + (" (0 = all / off)" if key != "seed" else ""))
     if c.data.class_order_seed < -1:

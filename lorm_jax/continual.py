@@ -85,15 +85,46 @@ class Setup:
     task_train: list                # per task: indices into train
     task_test: list                 # per task: indices into test
     partitions: list                # per task: K arrays of indices into train (each client's share of the task)
-    train_steps: int                # padded local steps per round (same for every task: one compilation)
-    gram_steps: int
+    schedule: "Schedule"            # lanes and packed passes, fixed by the partitions
     fns: federated.ClientFunctions
     method: object
-    client_chunk: int = 0           # clients per vmapped call, resolved by the memory plan (federated.plan_memory)
 
     @property
     def num_tasks(self) -> int:
         return len(self.offsets) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the run lays out its client work; the partitions fix every client's step count, so all of it is known
+    before the first round and every round runs the same compiled shapes.
+
+    Training: the K clients of task t run in ``lanes`` vmapped lanes, lane p running ``members[t][p]`` back to back
+    (:func:`lorm_jax.data.batching.pack_lanes`); loop buffers hold ``num_steps`` steps (the longest lane of the run)
+    and ``num_slots`` client slots per lane. Gram pass of task t: ``gram_packed[t]`` (client-pure blocks of
+    ``gram_block`` examples); evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
+    """
+    lanes: int
+    steps: list              # per task: [K] real local steps of each client per round
+    members: list
+    num_steps: int
+    num_slots: int
+    gram_block: int
+    gram_packed: list
+    eval_packed: list
+
+    def describe(self, batch_size: int) -> str:
+        lines = [f"schedule: {self.lanes} training lane(s); loop buffers {self.num_steps} steps x {batch_size} "
+                 f"examples, {self.num_slots - 1} client slot(s) per lane"]
+        for t, (steps, members, packed) in enumerate(zip(self.steps, self.members, self.gram_packed)):
+            loads = [int(sum(steps[k] for k in lane)) for lane in members]
+            lines.append(f"  task {t}: clients per lane {members}, steps per lane {loads} (sum {int(sum(steps))}); "
+                         f"Gram pass {packed['num_batches']} packed batch(es) of "
+                         f"{packed['idx'].shape[2]} x {self.gram_block} examples per device")
+        p = self.eval_packed[-1]
+        lines.append(f"  compiled shapes: training [{self.lanes}, {self.num_steps}, {batch_size}], Gram pass "
+                     f"{list(self.gram_packed[0]['idx'].shape)}, evaluation {list(p['idx'].shape)}")
+        return "\n".join(lines)
 
 
 def _seed_key(seed: int) -> jax.Array:
@@ -110,20 +141,26 @@ def _client_rng(seed: int, task: int, rnd: int, client: int, stream: int) -> np.
     return np.random.default_rng([seed, task, rnd, client, stream])
 
 
-def _schedule(setup: Setup, task: int, rnd: int, stream: int, batch_size: int, epochs: int, steps: int, shuffle: bool):
-    """Padded per-client schedules ``idx, mask [K, steps, batch]`` (indices into the task's data), each client's order
-    drawn from its own generator so it does not depend on how clients are grouped."""
-    per_client = [data_lib.client_schedule([part], batch_size, epochs, _client_rng(setup.config.seed, task, rnd, k,
-                                                                                     stream),
-                                           shuffle=shuffle, num_steps=steps)
-                  for k, part in enumerate(setup.partitions[task])]
-    return (np.concatenate([p[0] for p in per_client]), np.concatenate([p[1] for p in per_client]))
+def lane_layout(setup: Setup, task: int, rnd: int, members: list | None = None) -> dict:
+    """The local-training schedule of (task, round): every client's own shuffled batches (drawn from its own generator,
+    so they do not depend on how clients are grouped) laid out along the lanes ``members`` (default: the run's
+    packing) — :func:`lorm_jax.data.batching.lane_schedule`."""
+    c, sch = setup.config, setup.schedule
+    own = [data_lib.client_schedule([part], c.batch_size, c.epochs, _client_rng(c.seed, task, rnd, k, TRAIN_STREAM))
+           for k, part in enumerate(setup.partitions[task])]
+    steps = sch.steps[task]
+    members = sch.members[task] if members is None else members
+    num_slots = max(sch.num_slots, max(len(m) for m in members) + 1)
+    num_steps = max(sch.num_steps, max(int(sum(steps[k] for k in m)) for m in members))
+    return data_lib.lane_schedule([i[0, :n] for i, n in zip((o[0] for o in own), steps)],
+                                  [m[0, :n] for m, n in zip((o[1] for o in own), steps)], members, num_steps, num_slots)
 
 
 def _make_prepare(config, backbone, kind: str) -> Callable:
-    """``prepare(data, idx, key, train) -> (model inputs, labels)``: gather a batch on device and transform it."""
+    """``prepare(data, idx [N], keys [N], train) -> (model inputs, labels)``: gather examples on device and transform
+    them, example n with its own key ``keys[n]`` (the test transform needs none)."""
     if kind == "text":
-        def prepare(data, idx, key, train):
+        def prepare(data, idx, keys, train):
             return {"input_ids": data["input_ids"][idx], "attention_mask": data["attention_mask"][idx]}, data["y"][idx]
         return prepare
     mean = tuple(config.data.mean) or backbone.mean
@@ -131,19 +168,19 @@ def _make_prepare(config, backbone, kind: str) -> Callable:
     size, mode, method = backbone.image_size, config.data.augment, config.data.interpolation
     ratio = config.data.test_resize_ratio or None
 
-    def train_view(key, images):
+    def train_view(keys, images):
         if mode == "crop":  # Resize(round(size·ratio)) + RandomCrop(size) + flip (reference CUB-200)
             big = augment.resize(augment.to_float(images), int(round(size * (ratio or 1.0))), method=method)
-            keys = jax.random.split(key, 2 * images.shape[0]).reshape(2, images.shape[0], -1)
-            crops = jax.vmap(lambda k, im: augment.random_crop(k, im, size))(keys[0], big)
-            return jax.vmap(augment.random_flip)(keys[1], crops)
-        return augment.train_transform(key, images, size, crop_scale=tuple(config.data.crop_scale) if mode == "rrc"
-                                       else None, flip=mode in ("rrc", "flip"), method=method)
+            pair = jax.vmap(jax.random.split)(keys)  # [N, 2]: crop and flip key of each example
+            crops = jax.vmap(lambda k, im: augment.random_crop(k, im, size))(pair[:, 0], big)
+            return jax.vmap(augment.random_flip)(pair[:, 1], crops)
+        return augment.train_views(keys, images, size, crop_scale=tuple(config.data.crop_scale) if mode == "rrc"
+                                   else None, flip=mode in ("rrc", "flip"), method=method)
 
-    def prepare(data, idx, key, train):
+    def prepare(data, idx, keys, train):
         images = data["x"][idx]
         if train and mode != "none":
-            x = train_view(key, images)
+            x = train_view(keys, images)
         else:
             x = augment.test_transform(images, size, resize_ratio=ratio, method=method)
         return augment.normalize(x, mean, std), data["y"][idx]
@@ -208,37 +245,65 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
     for t, idx in enumerate(task_train):
         parts = _split_task(c, ds.y_train[idx], t)
         partitions.append([idx[p] for p in parts])
-    largest = max(len(p) for parts in partitions for p in parts)
-    gram_bs = c.gram_batch_size or c.batch_size
-    mesh = sharding.make_mesh(c.mesh_clients)  # frozen backbone and data replicated, clients sharded
+    mesh = sharding.make_mesh(c.mesh_clients)  # frozen backbone and data replicated, client work sharded
     backbone = dataclasses.replace(backbone, params=sharding.replicate(backbone.params, mesh))
     train, test = sharding.replicate((train, test), mesh)
-    client_chunk = _plan_chunk(c, backbone, mesh, int(offsets[-1]), train, test)
+    schedule = _plan_schedule(c, backbone, mesh, partitions, task_test, int(offsets[-1]), train, test)
     fns = federated.build_client_functions(
         backbone, _make_prepare(c, backbone, ds.kind), lr_head=c.lr, weight_decay=c.weight_decay,
         backbone_gram="diag" if c.alpha_backbone == 0 else "full", alpha_backbone=c.alpha_backbone,
         head_gram="diag" if c.alpha_head == 0 else "full", alpha_head=c.alpha_head, augment_grams=c.gram_augment,
-        mesh=mesh)
-    return Setup(config=c, backbone=backbone, dataset=ds, offsets=offsets,
-                 train=train, test=test,
-                 task_train=task_train, task_test=task_test, partitions=partitions,
-                 train_steps=max(1, c.epochs * math.ceil(largest / c.batch_size)),
-                 gram_steps=max(1, c.gram_passes * math.ceil(largest / gram_bs)),
-                 fns=fns, method=methods.Compiled(methods.get(c.method, c)), client_chunk=client_chunk)
+        gram_stream_batch=c.gram_batch_size or c.batch_size, gram_block=schedule.gram_block, mesh=mesh)
+    return Setup(config=c, backbone=backbone, dataset=ds, offsets=offsets, train=train, test=test,
+                 task_train=task_train, task_test=task_test, partitions=partitions, schedule=schedule,
+                 fns=fns, method=methods.Compiled(methods.get(c.method, c)))
 
 
-def _plan_chunk(c, backbone, mesh, num_classes: int, train, test) -> int:
-    """``config.client_chunk``, or (0) the memory plan's clients per call; the plan is logged before the run."""
-    if c.client_chunk:
-        return c.client_chunk
-    shared = ledger.nbytes((backbone.params, train, test))
+def _tokens_per_example(backbone, max_len: int) -> int:
+    """Rows one example contributes to every layer's Gram: the ViT's tokens (patches + CLS) or the text length."""
+    if backbone.kind == "text":
+        return max_len
+    x = jax.ShapeDtypeStruct((1, backbone.image_size, backbone.image_size, 3), jnp.float32)
+    return int(jax.eval_shape(lambda p, x: backbone.module.apply({"params": p}, x, all_tokens=True),
+                              backbone.params, x).shape[1])
+
+
+def _plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test) -> Schedule:
+    """Lanes (``config.client_lanes`` or the memory plan's and :func:`federated.choose_lanes`' choice), the packing of
+    every task's clients into them, and the packed Gram / evaluation layouts; logged before the run."""
+    devices = sharding.mesh_size(mesh)
+    gram_bs = c.gram_batch_size or c.batch_size
+    backbone_gram = "diag" if c.alpha_backbone == 0 else "full"
     plan = federated.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
-                                 batch_size=c.batch_size, gram_batch_size=c.gram_batch_size or c.batch_size,
-                                 backbone_gram="diag" if c.alpha_backbone == 0 else "full",
-                                 head_gram="diag" if c.alpha_head == 0 else "full", shared_bytes=shared, mesh=mesh,
+                                 batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
+                                 head_gram="diag" if c.alpha_head == 0 else "full",
+                                 shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
                                  max_len=c.data.max_len)
     log.info("%s", plan.table())
-    return plan.chunk
+    steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
+    lanes = federated.choose_lanes(steps, devices=devices, platform=mesh.devices.flat[0].platform,
+                                   max_lanes=plan.max_lanes, requested=c.client_lanes)
+    members = [data_lib.pack_lanes(s, lanes) for s in steps]
+    num_steps = max(max(int(sum(s[k] for k in lane)) for lane in m) for s, m in zip(steps, members))
+    num_slots = 1 + max(len(lane) for m in members for lane in m)
+    # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
+    # d×d matrix per example); diagonal Grams: one example per block, no padding at all.
+    block = 1 if backbone_gram == "diag" else max(1, -(-64 // _tokens_per_example(backbone, c.data.max_len)))
+    per_batch = max(1, gram_bs // block)
+
+    def packed(groups, stream_batch, passes, block, per_batch):
+        """One layout per group, all with the buffer length of the largest (one compiled shape)."""
+        layout = functools.partial(data_lib.packed_schedule, block=block, blocks_per_batch=per_batch, shards=devices)
+        cap = max(layout(g, stream_batch, passes)["num_batches"] for g in groups)
+        return [layout(g, stream_batch, passes, num_batches=cap) for g in groups]
+
+    gram_packed = packed(partitions, gram_bs, c.gram_passes, block, per_batch)
+    eval_packed = packed([task_test[:t + 1] for t in range(len(task_test))], c.eval_batch_size, 1, 1,
+                         c.eval_batch_size)
+    schedule = Schedule(lanes=lanes, steps=steps, members=members, num_steps=max(num_steps, 1), num_slots=num_slots,
+                        gram_block=block, gram_packed=gram_packed, eval_packed=eval_packed)
+    log.info("%s", schedule.describe(c.batch_size))
+    return schedule
 
 
 def partition_digest(setup: Setup) -> str:
@@ -292,19 +357,14 @@ def gram_network(setup: Setup, state: dict, task: int):
 
 
 
-def evaluate(setup: Setup, params, lora, head, task: int) -> np.ndarray:
-    """Accuracy on the test set of every task τ ≤ t (logits restricted to the classes seen so far): [t+1]."""
-    seen = jnp.asarray(data_lib.seen_class_mask(task, setup.offsets))
-    accs = []
-    for tau in range(task + 1):
-        positions = setup.task_test[tau]
-        idx, mask = data_lib.eval_schedule(len(positions), setup.config.eval_batch_size)
-        correct = 0
-        for step_idx, step_mask in zip(idx, mask):
-            pred, labels = setup.fns.evaluate(params, lora, head, setup.test, jnp.asarray(positions[step_idx]), seen)
-            correct += int(np.sum((np.asarray(pred) == np.asarray(labels)) & step_mask))
-        accs.append(correct / max(len(positions), 1))
-    return np.asarray(accs)
+def evaluate(setup: Setup, params, head, task: int) -> np.ndarray:
+    """Accuracy on the test set of every task τ ≤ t (logits restricted to the classes seen so far): [t+1]. One packed
+    pass over all seen tasks' test examples, counting correct predictions per task."""
+    seen = data_lib.seen_class_mask(task, setup.offsets)
+    correct = federated.count_correct(setup.fns, params, head, setup.test, setup.schedule.eval_packed[task], seen,
+                                      num_segments=setup.num_tasks)
+    sizes = np.asarray([len(setup.task_test[t]) for t in range(task + 1)])
+    return correct[:task + 1] / np.maximum(sizes, 1)
 
 
 def _task_rows(setup: Setup, task: int) -> np.ndarray:
@@ -312,27 +372,36 @@ def _task_rows(setup: Setup, task: int) -> np.ndarray:
     return (rows >= setup.offsets[task]) & (rows < setup.offsets[task + 1])
 
 
-def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dict]:
-    """One communication round: local training (vmap over clients), Gram statistics, server merge."""
+def client_training(setup: Setup, lora, head, task: int, rnd: int, members: list | None = None) -> tuple[dict, dict]:
+    """Local training of every client of (task, round) from the server's ``lora`` / ``head``, in the run's lanes (or
+    the lanes ``members``): the ``[K]`` outputs of :func:`federated.train_clients` and the schedule's utilisation."""
     c, method = setup.config, setup.method
-    clients = np.arange(c.num_clients)
     factor = method.train_factor(rnd)  # "A", "B", "AB" or "" (head only)
     lr_factor = {"A": c.lr_a, "B": c.lr_b, "AB": max(c.lr_a, c.lr_b)}.get(factor, -1.0)  # AB: methods.get checks
     lr_factor = c.lr if lr_factor < 0 else lr_factor
-    phase = jnp.asarray([float("A" in factor), float("B" in factor)])
-    idx, mask = _schedule(setup, task, rnd, TRAIN_STREAM, c.batch_size, c.epochs, setup.train_steps, shuffle=True)
-    keys = client_keys(c.seed, task, rnd, clients, TRAIN_STREAM)
+    lanes = lane_layout(setup, task, rnd, members)
+    keys = client_keys(c.seed, task, rnd, np.arange(c.num_clients), TRAIN_STREAM)
+    out = federated.train_clients(setup.fns, setup.backbone.params, setup.train, lora, head, lanes, keys,
+                                  [float("A" in factor), float("B" in factor)], lr_factor, _task_rows(setup, task))
+    used = lanes["mask"].any(-1)
+    utilization = {"train_utilization": round(lanes["real_steps"] / (len(lanes["idx"]) * lanes["num_steps"]), 5),
+                   "batch_fill": round(float(lanes["mask"].sum()) / max(int(used.sum()) * c.batch_size, 1), 5)}
+    return out, utilization
+
+
+def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dict]:
+    """One communication round: local training (clients in vmapped lanes), Gram statistics, server merge."""
+    c, method = setup.config, setup.method
+    factor = method.train_factor(rnd)
+    out, utilization = client_training(setup, state["lora"], state["head"], task, rnd)
     task_classes = jnp.asarray(_task_rows(setup, task))
-    out = federated.run_chunked(
-        setup.fns.train, (jnp.asarray(idx), jnp.asarray(mask), keys),
-        (setup.backbone.params, setup.train, state["lora"], state["head"]),
-        (phase, jnp.float32(lr_factor), task_classes), setup.client_chunk, setup.fns.mesh)
     num_samples = np.asarray([len(p) for p in setup.partitions[task]], np.float32)
     finite, losses = federated.numpy_tree((out["finite"], out["loss"]))
     finite = finite & np.isfinite(losses)
     gram_params, scale = gram_network(setup, state, task)
     grams, head_grams = _client_grams(setup, gram_params, out["lora"], task, rnd, scale, finite)
     grams, head_grams, finite = _drop_nonfinite_grams(grams, head_grams, finite)
+    utilization["gram_utilization"] = gram_utilization(setup, task)
     weights = np.where(finite, num_samples, 0.0)
     lora, head = method.merge_round(out["lora"], grams, out["head"], head_grams, jnp.asarray(weights), factor,
                                     task_classes, state["head"])
@@ -347,7 +416,7 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
                "loss": float(np.sum(np.where(weights > 0, losses, 0.0) * weights) / max(np.sum(weights), 1.0)),
                "client_loss": [round(float(x), 5) for x in losses],
                "client_samples": num_samples.astype(int).tolist(),
-               "excluded_clients": np.flatnonzero(~finite).tolist(), **book,
+               "excluded_clients": np.flatnonzero(~finite).tolist(), **utilization, **book,
                **gram_conditioning({**grams, "head": head_grams}, c.merge_dtype)}
     if not finite.all():
         log.warning("task %d round %d: clients %s produced a non-finite loss, parameters or Grams and were left out "
@@ -356,7 +425,7 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     if c.eval_every_round:
         params = setup.backbone.add_delta(gram_params, lora_lib.delta(
             {p: {"A": f["A"], "B": f["B"] * scale} for p, f in state["lora"].items()}))
-        accs = evaluate(setup, params, None, state["head"], task)
+        accs = evaluate(setup, params, state["head"], task)
         sizes = np.asarray([len(setup.task_test[t]) for t in range(task + 1)])
         metrics["accuracy"] = float(np.sum(accs * sizes) / np.sum(sizes))
         metrics["task_accuracy"] = [round(float(a), 5) for a in accs]
@@ -373,15 +442,19 @@ def _drop_nonfinite_grams(grams: dict, head_grams, include: np.ndarray):
 
 
 def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, scale: float, include: np.ndarray):
-    """Per-client Grams of every LoRA layer and of the head; clients not in ``include`` contribute zeros."""
-    c = setup.config
-    gram_bs = c.gram_batch_size or c.batch_size
-    idx, mask = _schedule(setup, task, rnd, GRAM_STREAM, gram_bs, c.gram_passes, setup.gram_steps, shuffle=False)
-    keys = client_keys(c.seed, task, rnd, np.arange(c.num_clients), GRAM_STREAM)
-    grams, head_grams, _ = federated.run_chunked(
-        setup.fns.grams, (client_lora, jnp.asarray(idx), jnp.asarray(mask), keys),
-        (gram_params, setup.train), (jnp.float32(scale),), setup.client_chunk, setup.fns.mesh)
-    return _zero_clients((grams, head_grams), include)
+    """Per-client Grams of every LoRA layer and of the head (one packed pass over the task's clients); clients not in
+    ``include`` contribute zeros."""
+    keys = client_keys(setup.config.seed, task, rnd, np.arange(setup.config.num_clients), GRAM_STREAM)
+    grams = federated.client_grams(setup.fns, gram_params, setup.train, client_lora, setup.schedule.gram_packed[task],
+                                   keys, scale)
+    return _zero_clients(grams, include)
+
+
+def gram_utilization(setup: Setup, task: int) -> float:
+    """Real examples / processed example slots of task ``task``'s packed Gram pass (all devices)."""
+    p = setup.schedule.gram_packed[task]
+    slots = p["idx"].shape[0] * p["num_batches"] * p["idx"].shape[2] * p["idx"].shape[3]
+    return round(p["real_examples"] / slots, 5)
 
 
 def _zero_clients(tree, include: np.ndarray):
@@ -422,13 +495,13 @@ def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
         state["task_grams"][p][task] = np.asarray(merging.client_sum(grams[p]))
     deltas = setup.method.merge_tasks(state["past_b"], state["past_a"], state["task_grams"], task + 1)
     params = setup.backbone.add_delta(setup.backbone.params, deltas)
-    accs = evaluate(setup, params, None, state["head"], task)
+    accs = evaluate(setup, params, state["head"], task)
     acc = state["acc"].copy()
     acc[task, :task + 1] = accs
     state["acc"] = acc
     sizes = np.asarray([len(setup.task_test[t]) for t in range(task + 1)])
     metrics = {"task": task, "round": "end", "accuracy": float(np.sum(accs * sizes) / np.sum(sizes)),
-               "task_accuracy": [round(float(a), 5) for a in accs],
+               "task_accuracy": [round(float(a), 5) for a in accs], "gram_utilization": gram_utilization(setup, task),
                **ledger.task_entry(setup.method, setup.method.train_factor(c.rounds - 1), grams, state["lora"],
                                    c.num_clients),
                **gram_conditioning({p: g[:task + 1] for p, g in state["task_grams"].items()}, c.merge_dtype)}
@@ -680,6 +753,21 @@ def _data_split(name: str):
     return tfds_data.split_info(name)
 
 
+def utilization_summary(setup: Setup, metrics_path: str) -> dict:
+    """How much of what the run computed was real work: the schedule (lanes, loop buffer, packed-pass block) and the
+    mean / min over the units of ``train_utilization`` (real client-steps / lane-steps run), ``batch_fill`` (real
+    examples / example slots of the real steps) and ``gram_utilization`` (real examples / slots of the Gram pass)."""
+    with open(metrics_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    out = {"lanes": setup.schedule.lanes, "loop_steps": setup.schedule.num_steps,
+           "slots_per_lane": setup.schedule.num_slots - 1, "gram_block": setup.schedule.gram_block}
+    for key in ("train_utilization", "batch_fill", "gram_utilization"):
+        values = [line[key] for line in lines if key in line]
+        if values:
+            out[key] = {"mean": round(float(np.mean(values)), 5), "min": round(float(np.min(values)), 5)}
+    return out
+
+
 def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
     acc = np.asarray(state["acc"])
     sizes = np.asarray([len(t) for t in setup.task_test])
@@ -689,6 +777,7 @@ def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
                "test_sizes": sizes.tolist(), "dataset": setup.dataset.name, "backbone": setup.backbone.name,
                "backbone_source": setup.backbone.source, "data_split": _data_split(setup.dataset.name),
                "communication": ledger.summarize_file(os.path.join(workdir, "metrics.jsonl")),
+               "utilization": utilization_summary(setup, os.path.join(workdir, "metrics.jsonl")),
                "config": _config_json(setup.config)}
     if distributed.is_primary():
         plotting.plot_results(results, workdir)

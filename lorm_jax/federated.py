@@ -1,20 +1,39 @@
-"""One federated round for K clients in parallel: ``vmap`` over clients of a ``lax.scan`` over local steps.
+"""The client-side programs of a federated round, vmapped and sharded: local training in lanes, packed passes.
 
-Ragged clients share one compiled program: every client's schedule is padded to the same number of steps ``S`` with a
-mask ``[K, S, batch]``. A step whose mask is all-False changes nothing (parameters, optimizer state, Gram sums, loss
-averages), so a client padded to more steps ends exactly where it would have ended unpadded.
+**Local training in lanes.** The K clients of a round are bin-packed by their real step counts into P lanes
+(:func:`lorm_jax.data.batching.pack_lanes`); ``jax.vmap`` runs the P lanes side by side and each lane runs its clients
+back to back in one loop: at a client's first step the lane resets its LoRA/head to the server's and its AdamW state
+to fresh, and after every step it writes the client's parameters, loss sum and step count to the client's slot. Every
+client sees exactly its own batches, keys and step count, so its result does not depend on P or on its lane (up to the
+rounding of batched vs unbatched matmuls). A round costs ``max(longest lane)`` vmapped steps, about
+``max(S_max, ΣS/P)``, instead of K × the largest client's steps of a padded vmap.
+
+**Packed passes.** Gram statistics and evaluation keep no per-client state, so they run over shared batches of
+client-pure blocks of examples (:func:`lorm_jax.data.batching.packed_schedule`): LoRA factors are gathered per block
+and every Gram is summed per client (segment sums over blocks), so a pass costs about ΣN_k examples, not K × a padded
+client.
+
+**Loops and shapes.** Every loop is a ``lax.fori_loop`` with the round's own trip count over buffers sized for the
+whole run, so a run compiles one training, one Gram and one evaluation program, and no padding step is ever executed.
+
+**Devices.** The programs are ``shard_map``-ed over the mesh axis ``clients`` (:mod:`lorm_jax.sharding`): the lanes
+(P a multiple of the mesh size) and the packed batches are split over the devices, the backbone, the data and the
+server state are replicated; Gram sums and evaluation counts are ``psum``-ed, the per-lane outputs gathered to client
+order.
 
 Shapes used throughout::
 
-    idx, mask   [K, S, batch]     int32 / bool: example indices into the task's data and which are real
-    keys        [K]               one PRNG key per client (fold_in chain of seed, task, round, client)
+    lanes       {"idx", "mask": [P, T, batch], "client", "step", "slot", "first": [P, T]}   (batching.lane_schedule)
+    packed      {"idx", "mask", "step", "position": [D, NB, G, b], "block_client": [D, NB, G]}  (batching.packed_schedule)
+    keys        [K]               one PRNG key per client (fold_in chain of seed, task, round, client, stream)
     lora        {path: {"A": [r, d_in], "B": [d_out, r]}}     (client-stacked: leading K)
     head        {"w": [C, F], "b": [C]}                       (paper layout: logits = f Wᵀ + b)
-    grams       {path: [d_in] or [d_in, d_in]}, head Gram [F] or [F, F]
+    grams       {path: [K, d_in] or [K, d_in, d_in]}, head Grams [K, F] or [K, F, F]
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -25,6 +44,7 @@ import optax
 from lorm_jax import lora as lora_lib
 from lorm_jax import merging
 from lorm_jax import sharding
+from lorm_jax.backbones.common import GramSpec, layer_gram
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,193 +90,244 @@ def _select(active, new, old):
     return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
 
 
+def example_keys(key: jax.Array, step, batch: int, position=None) -> jax.Array:
+    """Per-example augmentation keys of step ``step`` of a client's stream with key ``key``:
+    ``split(fold_in(key, step), batch)`` ([batch] keys), or only the one at ``position``. A packed pass that mixes
+    clients gives each example the key it would get in its own client's batches."""
+    keys = jax.random.split(jax.random.fold_in(key, step), batch)
+    return keys if position is None else keys[position]
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientFunctions:
-    """The jitted, vmapped client-side programs of one experiment (built once by :func:`build_client_functions`)."""
-    train: Callable      # (frozen, data, lora0, head0, idx, mask, keys, phase [2], lr_factor, class_mask) -> dict
-    grams: Callable      # (gram_params, data, lora [K...], idx, mask, keys, lora_scale) -> (grams, head_grams, counts)
-    evaluate: Callable   # (params, lora, head, data, idx [B], class_mask) -> (predictions [B], labels [B])
-    mesh: Any = None     # the device mesh ``train`` / ``grams`` are shard_mapped over (lorm_jax.sharding)
+    """The jitted, sharded client-side programs of one experiment (built once by :func:`build_client_functions`).
+
+    train(frozen, data, lora0, head0, lanes, keys, num_steps, phase, lr_factor, class_mask, *, num_slots)
+        -> {"lora", "head": [P, M, ...], "loss", "num_steps", "finite": [P, M]}    (see :func:`train_clients`)
+    grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, *, num_clients)
+        -> (grams {path: [K, ...]}, head Grams [K, ...])                           (see :func:`client_grams`)
+    evaluate(params, head, data, packed, num_batches, class_mask, *, num_segments)
+        -> correct predictions per segment (task) [num_segments]                  (see :func:`count_correct`)
+    """
+    train: Callable
+    grams: Callable
+    evaluate: Callable
+    by_client: Callable      # ([P, M, ...] lane outputs, lane_of [K], slot_of [K]) -> [K, ...], replicated
+    mesh: Any = None
+    gram_block: int = 1      # examples per client-pure block of the packed Gram pass
 
 
 def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weight_decay: float,
                            backbone_gram: str, alpha_backbone: float, head_gram: str, alpha_head: float,
-                           augment_grams: bool = True, mesh=None) -> ClientFunctions:
+                           augment_grams: bool = True, gram_stream_batch: int = 16, gram_block: int = 1,
+                           mesh=None) -> ClientFunctions:
     """Compile-once client programs for a backbone.
 
-    ``prepare(data, idx [B], key, train: bool) -> model inputs`` gathers a batch from the task's device arrays and
-    applies on-device augmentation (train) or the test transform. ``backbone_gram`` / ``head_gram`` are "diag" or
-    "full"; full Grams are shrunk ``α G + (1 − α) diag(G)`` on the client, as the reference does.
-
-    ``train`` and ``grams`` are ``shard_map``-ed over ``mesh`` (default: a 1-device mesh): device i vmaps over its
-    own block of the client axis, which must be a multiple of the mesh size (:func:`run_chunked` pads it).
+    ``prepare(data, idx [N], keys [N] or None, train: bool) -> (model inputs, labels)`` gathers examples from the
+    task's device arrays and applies on-device augmentation with the per-example keys (train) or the test transform.
+    ``backbone_gram`` / ``head_gram`` are "diag" or "full"; full Grams are shrunk ``α G + (1 − α) diag(G)`` per client,
+    as the reference does (linear, so shrinking the per-client sums is shrinking each client's Gram).
+    ``gram_stream_batch``: the batch size that numbers a client's Gram stream (it fixes each example's key, see
+    :func:`example_keys`); ``gram_block``: examples per client-pure block of the packed Gram batches.
     """
+
+    # Trained parameters are float32 (float64 with a float64 compute dtype, for equivalence tests).
+    param_dtype = jnp.promote_types(getattr(backbone.module, "dtype", jnp.float32), jnp.float32)
 
     def loss_fn(params, frozen, inputs, labels, weights, class_mask):
         features, _ = backbone.apply(frozen, params["lora"], inputs)
         return masked_cross_entropy(head_logits(params["head"], features), labels, class_mask, weights)
 
-    def local_train(frozen, data, lora0, head0, idx, mask, key, phase, lr_factor, class_mask):
-        """Local training of one client: ``lax.scan`` over its (padded) steps. Returns trained params and stats.
+    def lane_train(frozen, data, lora0, head0, lane, keys, num_steps, phase, lr_factor, class_mask, num_slots):
+        """One lane: its clients back to back, ``num_steps`` steps of ``lane`` ([T, ...] arrays, T ≥ num_steps).
 
         ``phase`` [2] = (train A, train B) as 0/1 floats: which LoRA factors move (the head always trains).
+        Returns the ``num_slots`` client slots of the lane: trained params, mean loss over real steps, step count.
         """
-        params = {"lora": lora0, "head": head0}
+        server = jax.tree.map(lambda x: x.astype(param_dtype), {"lora": lora0, "head": head0})
         phase = lora_lib.phase_mask(lora0, phase[0], phase[1])
         tx = make_optimizer(lr_factor, lr_head, weight_decay)
-        opt_state = tx.init(params)
+        fresh = tx.init(server)
+        dtype = param_dtype
 
-        def step(carry, inp):
-            params, opt_state = carry
-            step_idx, step_mask, s = inp
-            weights = step_mask.astype(jnp.float32)
-            inputs, labels = prepare(data, step_idx, jax.random.fold_in(key, s), True)
-            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, inputs, labels, weights, class_mask)
+        def step(t, carry):
+            params, opt_state, out, loss_sum, count = carry
+            idx, mask, client, s, first, slot = (jax.lax.dynamic_index_in_dim(lane[n], t, keepdims=False)
+                                                 for n in ("idx", "mask", "client", "step", "first", "slot"))
+            params, opt_state = _select(first, server, params), _select(first, fresh, opt_state)
+            inputs, labels = prepare(data, idx, example_keys(keys[client], s, idx.shape[0]), True)
+            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, inputs, labels, mask.astype(dtype), class_mask)
             grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], phase), "head": grads["head"]}
             updates, new_opt_state = tx.update(grads, opt_state, params)
             updates = {"lora": jax.tree.map(jnp.multiply, updates["lora"], phase), "head": updates["head"]}
-            new_params = optax.apply_updates(params, updates)
-            active = jnp.any(step_mask)
-            carry = (_select(active, new_params, params), _select(active, new_opt_state, opt_state))
-            return carry, (jnp.where(active, loss, 0.0), active)
+            active = jnp.any(mask)
+            params = _select(active, optax.apply_updates(params, updates), params)
+            opt_state = _select(active, new_opt_state, opt_state)
+            out = jax.tree.map(lambda o, p: o.at[slot].set(p), out, params)
+            return (params, opt_state, out, loss_sum.at[slot].add(jnp.where(active, loss, 0.0)),
+                    count.at[slot].add(active.astype(jnp.int32)))
 
-        steps = jnp.arange(idx.shape[0])
-        (params, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (idx, mask, steps))
-        num_active = jnp.sum(active)
-        return {"lora": params["lora"], "head": params["head"],
-                "loss": jnp.sum(losses) / jnp.maximum(num_active, 1),
-                "num_steps": num_active,
-                "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))}
+        init = (server, fresh, stack_clients(server, num_slots), jnp.zeros(num_slots, dtype),
+                jnp.zeros(num_slots, jnp.int32))
+        _, _, out, loss_sum, count = jax.lax.fori_loop(0, num_steps, step, init)
+        finite = jnp.stack([jnp.all(jnp.isfinite(x.reshape(num_slots, -1)), axis=1) for x in jax.tree.leaves(out)])
+        return {"lora": out["lora"], "head": out["head"], "loss": loss_sum / jnp.maximum(count, 1),
+                "num_steps": count, "finite": jnp.all(finite, axis=0)}
 
-    def local_grams(gram_params, data, lora_k, idx, mask, key, lora_scale):
-        """Gram statistics of one client's layer inputs over its data (train augmentation, like the reference)."""
-        scaled = None if lora_k is None else {p: {"A": f["A"], "B": f["B"] * lora_scale} for p, f in lora_k.items()}
+    def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, num_clients):
+        """Per-client Gram sums over this device's share of the packed batches (summed over devices)."""
+        packed = jax.tree.map(lambda x: x[0], packed)  # this device's [NB, ...]
+        block = packed["idx"].shape[-1]
 
-        def step(acc, inp):
-            step_idx, step_mask, s = inp
-            weights = step_mask.astype(jnp.float32)
-            inputs, _ = prepare(data, step_idx, jax.random.fold_in(key, s), augment_grams)
-            features, grams = backbone.apply(gram_params, scaled, inputs, gram=backbone_gram, weights=weights)
-            if head_gram == "diag":
-                hg = jnp.einsum("bf,b->f", features * features, weights, precision=HIGHEST)
-            else:
-                hg = jnp.einsum("bf,bg,b->fg", features, features, weights, precision=HIGHEST)
-            return jax.tree.map(jnp.add, acc, (grams, hg)), None
+        def step(i, acc):
+            idx, mask, s, pos, owner = (jax.lax.dynamic_index_in_dim(packed[n], i, keepdims=False)
+                                        for n in ("idx", "mask", "step", "position", "block_client"))
+            segments = (owner, num_clients)
+            ex_keys = jax.vmap(lambda c, s, j: example_keys(keys[c], s, gram_stream_batch, j))(
+                jnp.repeat(owner, block), s.reshape(-1), pos.reshape(-1))
+            inputs, _ = prepare(data, idx.reshape(-1), ex_keys, augment_grams)
+            lora = None if client_lora is None else {
+                p: {"A": f["A"][owner], "B": f["B"][owner] * lora_scale} for p, f in client_lora.items()}
+            weights = mask.reshape(-1).astype(jnp.float32)
+            features, grams = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
+                                             segments=segments)
+            head = layer_gram(features, GramSpec(head_gram, weights, segments))
+            return jax.tree.map(jnp.add, acc, (grams, head))
 
-        zeros = _zero_grams(backbone, backbone_gram, head_gram)
-        (grams, hg), _ = jax.lax.scan(step, zeros, (idx, mask, jnp.arange(idx.shape[0])))
+        grams, head = jax.lax.fori_loop(0, num_batches, step, _zero_grams(backbone, backbone_gram, head_gram,
+                                                                           num_clients, param_dtype))
+        grams, head = jax.lax.psum((grams, head), sharding.CLIENTS)
         if backbone_gram == "full":
             grams = {p: merging.shrink_gram(g, alpha_backbone) for p, g in grams.items()}
         if head_gram == "full":
-            hg = merging.shrink_gram(hg, alpha_head)
-        return grams, hg, jnp.sum(mask)
+            head = merging.shrink_gram(head, alpha_head)
+        return grams, head
 
-    def evaluate(params, lora, head, data, idx, class_mask):
-        inputs, labels = prepare(data, idx, jax.random.PRNGKey(0), False)
-        features, _ = backbone.apply(params, lora, inputs)
-        logits = jnp.where(class_mask, head_logits(head, features), -jnp.inf)
-        return jnp.argmax(logits, axis=-1), labels
+    def packed_evaluate(params, head, data, packed, num_batches, class_mask, num_segments):
+        """Correct predictions per segment (task) over this device's share of the packed test batches."""
+        packed = jax.tree.map(lambda x: x[0], packed)
+
+        def step(i, correct):
+            idx, mask, owner = (jax.lax.dynamic_index_in_dim(packed[n], i, keepdims=False)
+                                for n in ("idx", "mask", "block_client"))
+            inputs, labels = prepare(data, idx.reshape(-1), None, False)
+            features, _ = backbone.apply(params, None, inputs)
+            pred = jnp.argmax(jnp.where(class_mask, head_logits(head, features), -jnp.inf), axis=-1)
+            hit = ((pred == labels) & mask.reshape(-1)).astype(jnp.int32)
+            return correct + jax.ops.segment_sum(hit, jnp.repeat(owner, idx.shape[-1]), num_segments=num_segments)
+
+        correct = jax.lax.fori_loop(0, num_batches, step, jnp.zeros(num_segments, jnp.int32))
+        return jax.lax.psum(correct, sharding.CLIENTS)
 
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     c, r = jax.sharding.PartitionSpec(sharding.CLIENTS), jax.sharding.PartitionSpec()
 
-    def per_device(fn, in_axes):
-        """vmap over the local clients inside shard_map: no collective, the client axis stays sharded."""
-        specs = tuple(r if a is None else c for a in in_axes)
-        # check_vma off: the body has no collectives; replicated initial scan carries (the server LoRA, fresh
-        # optimizer state) become per-client values, which the varying-manual-axes check would reject.
-        return jax.jit(jax.shard_map(jax.vmap(fn, in_axes=in_axes), mesh=mesh, in_specs=specs, out_specs=c,
-                                     check_vma=False))
+    def on_mesh(build, split, out_specs, static):
+        """``jit(shard_map(build(**static)))``: arguments flagged in ``split`` are divided over the devices along
+        their leading axis, the others replicated; the ``static`` keyword arguments are compile-time constants."""
+        @functools.partial(jax.jit, static_argnames=static)
+        def call(*args, **kwargs):
+            # check_vma off: replicated initial loop carries (the server LoRA, fresh optimizer state) become
+            # per-lane values, which the varying-manual-axes check would reject.
+            return jax.shard_map(build(**kwargs), mesh=mesh, in_specs=tuple(c if s else r for s in split),
+                                 out_specs=out_specs, check_vma=False)(*args)
+        return call
 
-    train = per_device(local_train, (None, None, None, None, 0, 0, 0, None, None, None))
-    grams = per_device(local_grams, (None, None, 0, 0, 0, 0, None))
-    return ClientFunctions(train=train, grams=grams, evaluate=jax.jit(evaluate), mesh=mesh)
-
-
-def _zero_grams(backbone, backbone_gram: str, head_gram: str):
-    def zeros(d):
-        return jnp.zeros((d,) if backbone_gram == "diag" else (d, d), jnp.float32)
-    f = backbone.feature_dim
-    hg = jnp.zeros((f,) if head_gram == "diag" else (f, f), jnp.float32)
-    return {p: zeros(d_in) for p, (_, d_in) in backbone.lora_shapes.items()}, hg
-
-
-def chunk_layout(num: int, chunk: int, devices: int = 1) -> tuple[int, int]:
-    """``(clients per call, padded K)`` for ``num`` clients, at most ``chunk`` per call (``<= 0``: all), ``devices`` on
-    the mesh: the per-call size is a multiple of ``devices`` and the calls are balanced, so padding stays small
-    (K = 100, chunk 32, 1 device → 4 calls of 25, no padding; K = 10 on 8 devices → 1 call of 16, 6 no-op
-    clients)."""
-    if chunk <= 0 or chunk >= num:
-        cap = sharding.padded_size(num, devices)      # everything in one call
-    else:
-        cap = max(devices, chunk - chunk % devices)   # the largest multiple of the mesh size under the cap
-    calls = -(-num // cap)
-    per_call = sharding.padded_size(-(-num // calls), devices)
-    return per_call, per_call * calls
+    lanes_in = (None, None, None, None, 0, None, None, None, None, None)
+    train = on_mesh(lambda num_slots: jax.vmap(functools.partial(lane_train, num_slots=num_slots), in_axes=lanes_in),
+                    [a == 0 for a in lanes_in], c, ("num_slots",))
+    grams = on_mesh(lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
+                    (False, False, False, True, False, False, False), r, ("num_clients",))
+    evaluate = on_mesh(lambda num_segments: functools.partial(packed_evaluate, num_segments=num_segments),
+                       (False, False, False, True, False, False), r, ("num_segments",))
+    by_client = jax.jit(lambda out, lane_of, slot_of: jax.tree.map(lambda x: x[lane_of, slot_of], out),
+                        out_shardings=sharding.replicated(mesh))
+    return ClientFunctions(train=train, grams=grams, evaluate=evaluate, by_client=by_client, mesh=mesh,
+                           gram_block=gram_block)
 
 
-def run_chunked(fn: Callable, per_client: tuple, shared_before: tuple, shared_after: tuple, chunk: int,
-                mesh=None) -> Any:
-    """Call a vmapped client function on groups of at most ``chunk`` clients and concatenate the outputs.
-
-    ``fn(*shared_before, *per_client_slice, *shared_after)``; ``chunk <= 0`` means all clients at once. Each client's
-    computation depends only on its own inputs and keys, so the result does not depend on the chunk size.
-
-    With a ``mesh`` (``fn`` built by :func:`build_client_functions` on it), every group is a multiple of the mesh size
-    and is placed sharded over ``clients`` (shared arguments replicated): the client axis is zero-padded with no-op
-    clients (all-False masks) to a whole number of equal groups, one compiled shape, and the outputs are trimmed back
-    to the ``K`` real clients. Without a mesh, the arguments are passed as they are.
-    """
-    num = jax.tree.leaves(per_client)[0].shape[0]
-    devices = 1 if mesh is None else sharding.mesh_size(mesh)
-    per_call, total = chunk_layout(num, chunk, devices)
-    if mesh is not None:
-        shared_before, shared_after = sharding.replicate((shared_before, shared_after), mesh)
-    per_client = sharding.pad_clients(per_client, total)
-    outs = []
-    for i in range(0, total, per_call):
-        part = per_client if per_call == total else jax.tree.map(lambda x: x[i:i + per_call], per_client)
-        if mesh is not None:
-            part = sharding.put_clients(part, mesh)
-        outs.append(fn(*shared_before, *part, *shared_after))
-    out = outs[0] if len(outs) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
-    out = out if total == num else jax.tree.map(lambda x: x[:num], out)
-    if mesh is not None and jax.process_count() > 1:
-        # Multi-host: all-gather the (small) per-client outputs so host code on every process can read them; the
-        # merge then runs replicated. On one host they stay sharded and the merge's client sums are all-reduces.
-        out = sharding.replicate(out, mesh)
-    return out
+def _zero_grams(backbone, backbone_gram: str, head_gram: str, num_clients: int, dtype=jnp.float32):
+    def zeros(d, mode):
+        return jnp.zeros((num_clients, d) if mode == "diag" else (num_clients, d, d), dtype)
+    return ({p: zeros(d_in, backbone_gram) for p, (_, d_in) in backbone.lora_shapes.items()},
+            zeros(backbone.feature_dim, head_gram))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Memory planner: how many clients fit in one vmapped call
+# Host side: lay out, place, call, and bring the outputs back in client order
+
+def train_clients(fns: ClientFunctions, frozen, data, lora0, head0, lanes: dict, keys, phase, lr_factor,
+                  class_mask) -> dict:
+    """Local training of every client laid out in ``lanes`` (:func:`lorm_jax.data.batching.lane_schedule`) from the
+    server's ``lora0`` / ``head0``: ``{"lora", "head": [K, ...], "loss", "num_steps", "finite": [K]}`` in client
+    order, replicated on every device (and process)."""
+    mesh = fns.mesh
+    steps = sharding.put_clients({n: lanes[n] for n in ("idx", "mask", "client", "step", "first", "slot")}, mesh)
+    shared = sharding.replicate((frozen, data, lora0, head0, keys), mesh)
+    out = fns.train(*shared[:4], steps, shared[4], jnp.int32(lanes["num_steps"]), jnp.asarray(phase, jnp.float32),
+                    jnp.float32(lr_factor), jnp.asarray(class_mask), num_slots=int(lanes["num_slots"]))
+    return fns.by_client(out, jnp.asarray(lanes["lane_of"]), jnp.asarray(lanes["slot_of"]))
+
+
+def client_grams(fns: ClientFunctions, gram_params, data, client_lora, packed: dict, keys, lora_scale) -> tuple:
+    """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass
+    (:func:`lorm_jax.data.batching.packed_schedule`) through ``gram_params`` with each client's LoRA
+    (``client_lora`` client-stacked [K, ...], B scaled by ``lora_scale``; or None), replicated."""
+    mesh = fns.mesh
+    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, keys), mesh)
+    return fns.grams(*shared[:3], arrays, shared[3], jnp.int32(packed["num_batches"]), jnp.float32(lora_scale),
+                     num_clients=int(keys.shape[0]))
+
+
+def count_correct(fns: ClientFunctions, params, head, data, packed: dict, class_mask, num_segments: int) -> np.ndarray:
+    """Correct top-1 predictions (logits outside ``class_mask`` removed) per segment of a packed pass over test
+    examples, e.g. per task: ``[num_segments]`` on the host."""
+    mesh = fns.mesh
+    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
+    shared = sharding.replicate((params, head, data), mesh)
+    out = fns.evaluate(*shared, arrays, jnp.int32(packed["num_batches"]), jnp.asarray(class_mask),
+                       num_segments=num_segments)
+    return np.asarray(sharding.gather(out))
+
+
+PACKED_ARRAYS = ("idx", "mask", "step", "position", "block_client")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory planner: how many lanes fit, and how many are worth running
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Estimated bytes of one client in the vmapped programs, and the chunk size they allow on each device."""
+    """Estimated bytes of one training lane and of the packed Gram pass, and the lanes they allow on each device."""
     lora_bytes: int          # trainable LoRA factors + head of one client
     optimizer_bytes: int     # AdamW moments, gradients, updates and the step's select copies (≈ 5× the params)
     activation_bytes: int    # one local step at the training batch: every forward intermediate (an upper bound)
     gram_full_bytes: int     # Gram sums of one client with full [d, d] Grams (every LoRA layer + head)
     gram_diag_bytes: int     # … with diagonal [d] Grams
     gram_bytes: int          # … in the configured layout
-    per_client_bytes: int    # max(training, Gram pass) per client
+    lane_bytes: int          # one training lane: its client's params, optimizer state, activations, K output slots
+    gram_pass_bytes: int     # the packed Gram pass: K clients' Gram sums (accumulator + update) + one batch
     shared_bytes: int        # replicated on every device: backbone params + task data
     budget_bytes: int        # usable bytes per device
     devices: int
     num_clients: int
-    chunk: int               # clients per vmapped call (all devices together)
+    max_lanes: int           # lanes that fit (all devices together, a multiple of the mesh size)
 
     def table(self) -> str:
         mb = lambda b: f"{b / 2**20:10.2f} MiB"
         rows = [("LoRA + head", self.lora_bytes), ("optimizer state + grads", self.optimizer_bytes),
                 ("activations per batch", self.activation_bytes), ("Grams (full)", self.gram_full_bytes),
-                ("Grams (diagonal)", self.gram_diag_bytes), ("per client (plan)", self.per_client_bytes),
-                ("shared per device", self.shared_bytes), ("budget per device", self.budget_bytes)]
+                ("Grams (diagonal)", self.gram_diag_bytes), ("per training lane", self.lane_bytes),
+                ("packed Gram pass", self.gram_pass_bytes), ("shared per device", self.shared_bytes),
+                ("budget per device", self.budget_bytes)]
         lines = [f"  {name:<24}{mb(b)}" for name, b in rows]
-        lines.append(f"  -> {self.chunk} clients per vmapped call over {self.devices} device(s), "
-                     f"{-(-self.num_clients // self.chunk)} call(s) for K = {self.num_clients}")
-        return "memory plan (bytes per client):\n" + "\n".join(lines)
+        lines.append(f"  -> at most {self.max_lanes} training lanes over {self.devices} device(s) "
+                     f"for K = {self.num_clients} clients")
+        if self.gram_pass_bytes + self.shared_bytes > self.budget_bytes:
+            lines.append("  !! the packed Gram pass alone exceeds the budget: use diagonal Grams "
+                         "(config.alpha_backbone = 0) or fewer clients")
+        return "memory plan:\n" + "\n".join(lines)
 
 
 def _jaxpr_bytes(jaxpr) -> int:
@@ -309,8 +380,8 @@ def device_budget(devices, fraction: float = 0.5) -> int:
 def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batch_size: int, gram_batch_size: int,
                 backbone_gram: str, head_gram: str, shared_bytes: int = 0, mesh=None, budget_bytes: int | None = None,
                 max_len: int = 32) -> MemoryPlan:
-    """Bytes per client of the training and Gram programs and the chunk size (clients per vmapped call, a multiple
-    of the mesh size) that fits ``budget_bytes`` per device (default :func:`device_budget`) after ``shared_bytes``."""
+    """Bytes of a training lane and of the packed Gram pass, and the most lanes (a multiple of the mesh size) that fit
+    ``budget_bytes`` per device (default :func:`device_budget`) after ``shared_bytes`` and the Gram pass."""
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     devices = sharding.mesh_size(mesh)
     f = backbone.feature_dim
@@ -325,14 +396,38 @@ def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batc
     act_gram = act_train if gram_batch_size == batch_size else activation_bytes(backbone, rank, gram_batch_size,
                                                                                 max_len)
     optimizer = 5 * params
-    per_client = max(params + optimizer + act_train, params + 2 * grams + act_gram)
+    lane = params + optimizer + act_train + num_clients * params
+    gram_pass = 2 * num_clients * grams + act_gram
     budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
-    per_device = max(1, (budget - shared_bytes) // per_client)
-    chunk, _ = chunk_layout(num_clients, per_device * devices, devices)
+    per_device = max(1, (budget - shared_bytes) // lane)
     return MemoryPlan(lora_bytes=params, optimizer_bytes=optimizer, activation_bytes=act_train,
-                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, per_client_bytes=per_client,
-                      shared_bytes=int(shared_bytes), budget_bytes=budget, devices=devices, num_clients=num_clients,
-                      chunk=chunk)
+                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, lane_bytes=lane,
+                      gram_pass_bytes=gram_pass, shared_bytes=int(shared_bytes), budget_bytes=budget, devices=devices,
+                      num_clients=num_clients, max_lanes=per_device * devices)
+
+
+def choose_lanes(steps_per_task, *, devices: int, platform: str, max_lanes: int, requested: int = 0) -> int:
+    """Lanes P for a run whose tasks have client step counts ``steps_per_task`` ([K] arrays), a multiple of
+    ``devices``: ``requested`` (``config.client_lanes``) when > 0, else automatic.
+
+    A round lasts about ``max(S_max, ΣS/P)`` steps of P vmapped lanes. On an accelerator a step of P lanes costs about
+    what one lane's does until the chip is full, so P = ⌈ΣS / S_max⌉ (the fewest lanes whose longest is the largest
+    client; more only add idle lanes), worst task of the run, capped by memory (``max_lanes``). On a CPU a batch
+    already fills the cores and P lanes cost P times one, so one lane per device: no lane ever idles.
+    """
+    if requested:
+        if requested % devices:
+            raise ValueError(f"config.client_lanes = {requested} is invalid: a multiple of the {devices} devices of "
+                             f"the mesh (or 0 = automatic)")
+        return requested
+    if platform == "cpu":
+        want = 1
+    else:
+        want = max((-(-int(np.sum(s)) // max(int(np.max(s)), 1)) for s in steps_per_task if len(s)), default=1)
+        num_clients = max(len(s) for s in steps_per_task)
+        want = -(-min(want, num_clients) // devices)
+    per_device = max(1, min(want, max_lanes // devices))
+    return per_device * devices
 
 
 def stack_clients(tree, num_clients: int):

@@ -1,22 +1,29 @@
 """Subprocess side of tests/test_sharding.py and tests/test_distributed.py (XLA flags and jax.distributed must be set
 before jax starts, so these run in fresh interpreters).
 
-    python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_CHUNK]
+    python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_LANES]
     python tests/_scale_worker.py merge                    # sharded merge == host merge, all-reduce in the HLO
     python tests/_scale_worker.py proc PROCESS_ID NUM_PROCESSES PORT WORKDIR NUM_CLIENTS
 
-Each prints one JSON line prefixed with ``RESULT `` on stdout.
+Each prints one JSON line prefixed with ``RESULT `` on stdout. The runs compute in float64 (64-bit JAX, a float64
+backbone and merges): runs with different numbers of devices, processes and lanes then agree to ~1e-12, where float32
+rounding of differently batched matmuls, amplified by AdamW, would give machine-dependent differences.
 """
 import json
 import os
 import sys
 
+os.environ.setdefault("JAX_ENABLE_X64", "1")  # before jax is imported
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def config(num_clients: int, mesh_clients: int = 0, client_chunk: int = 0):
+def config(num_clients: int, mesh_clients: int = 0, client_lanes: int = 0):
     from tests._tiny import tiny_config
-    return tiny_config(num_clients=num_clients, mesh_clients=mesh_clients, client_chunk=client_chunk)
+    c = tiny_config(num_clients=num_clients, mesh_clients=mesh_clients, client_lanes=client_lanes,
+                    merge_dtype="float64")
+    c.backbone.options.compute_dtype = "float64"
+    return c
 
 
 def summary(workdir: str) -> dict:
@@ -45,8 +52,8 @@ def main(argv):
         import jax
         from lorm_jax import continual
         workdir, mesh, k = argv[1], int(argv[2]), int(argv[3])
-        chunk = int(argv[4]) if len(argv) > 4 else 0
-        continual.run(config(k, mesh, chunk), workdir, progress=False)
+        lanes = int(argv[4]) if len(argv) > 4 else 0
+        continual.run(config(k, mesh, lanes), workdir, progress=False)
         out = {"devices": jax.device_count(), **summary(workdir)}
     elif mode == "merge":
         out = merge_check()

@@ -75,14 +75,9 @@ def test_fedavg_lora_with_one_client_equals_local_training(central_setup):
     """One client: FedAvg of A and B (and a FedAvg head) returns exactly what local training produced, and so does the
     centralized method."""
     s = with_method(central_setup, "fedavg_lora", head_merge="fedavg")
-    c = s.config
     state0 = continual.initial_state(s)
     merged, _ = continual.run_round(s, state0, 0, 0)
-    idx, mask = continual._schedule(s, 0, 0, continual.TRAIN_STREAM, c.batch_size, c.epochs, s.train_steps, True)
-    keys = continual.client_keys(c.seed, 0, 0, np.arange(1), continual.TRAIN_STREAM)
-    rows = continual._task_rows(s, 0)
-    local = s.fns.train(s.backbone.params, s.train, state0["lora"], state0["head"], jnp.asarray(idx), jnp.asarray(mask),
-                        keys, jnp.asarray([1.0, 1.0]), jnp.float32(c.lr), jnp.asarray(rows))
+    local, _ = continual.client_training(s, state0["lora"], state0["head"], 0, 0)
     for p, f in merged["lora"].items():
         for x in "AB":
             np.testing.assert_allclose(f[x], np.asarray(local["lora"][p][x][0]), rtol=1e-6, atol=0)

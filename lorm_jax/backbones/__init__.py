@@ -19,8 +19,9 @@ name                       kind   weights (options)
 =========================  =====  =================================================================================
 
 ``qkv`` is ``"fused"`` (one LoRA pair on the [3d, d] q/k/v matrix, path ``block_XX/attn/qkv``; ViT default) or
-``"separate"`` (``block_XX/attn/q``, ``/k``, ``/v``; BERT default). ``compute_dtype`` is ``"float32"`` or
-``"bfloat16"`` (matmuls only; params, features and Grams stay float32).
+``"separate"`` (``block_XX/attn/q``, ``/k``, ``/v``; BERT default). ``compute_dtype`` is ``"float32"``,
+``"bfloat16"`` (matmuls only; params, features and Grams stay float32) or ``"float64"`` (activations, features and
+Grams in float64; needs ``jax_enable_x64``; the frozen weights stay float32 values; for equivalence tests).
 """
 from __future__ import annotations
 

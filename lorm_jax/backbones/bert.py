@@ -82,14 +82,17 @@ class Bert(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs, *, gram=None, weights=None, all_tokens=False):
+    def __call__(self, inputs, *, gram=None, weights=None, segments=None, all_tokens=False):
         ids, mask = inputs["input_ids"], jnp.asarray(inputs["attention_mask"]).astype(jnp.float32)
         if ids.shape[1] > self.max_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's {self.max_len} positions")
         x = Embeddings(self.vocab, self.max_len, self.width, self.type_vocab, self.ln_eps, name="embed")(ids)
+        x = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # float64 activations with a float64 compute dtype
+        mask = mask.astype(x.dtype)
         spec = None
         if gram is not None:
-            spec = GramSpec(gram, mask if weights is None else mask * jnp.asarray(weights, jnp.float32)[:, None])
+            spec = GramSpec(gram, mask if weights is None else mask * jnp.asarray(weights, jnp.float32)[:, None],
+                            segments)
         for i in range(self.depth):
             x = Block(self.heads, self.mlp_dim, self.ln_eps, self.qkv, self.dtype, name=f"block_{i:02d}")(x, mask, spec)
         if all_tokens:

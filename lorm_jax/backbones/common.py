@@ -14,6 +14,12 @@ Conventions (paper layout, see ``lorm_jax/lora.py``):
 
   with ``[B, T, d_in]`` flattened to ``[B·T, d_in]`` and ``w_n`` the row weight (example weight × attention mask).
 
+* Packed batches (several clients' examples in one batch, :mod:`lorm_jax.data.batching`) come as ``G`` equal,
+  contiguous, client-pure *blocks* of examples. LoRA factors may then be given per block (``A: [G, r, d_in]``,
+  ``B: [G, d_out, r]``) and the Grams are summed per client: with ``segments = (ids [G], K)`` a layer yields
+  ``G_k = Σ_{n in blocks of client k} w_n x_n x_nᵀ``, i.e. ``[K, d_in, d_in]`` (or ``[K, d_in]``), computed as one
+  Gram per block (a batched dot) and a segment sum over blocks, so it costs what the unsegmented Gram costs.
+
 LoRA factors enter a model as the Flax variable collection ``"lora"`` (same nesting as the ``"params"`` of the dense
 layer they modify) and Grams leave it through the ``"grams"`` collection, so a LoRA path ``"block_03/mlp/fc1"`` is
 literally the Flax module path of that layer.
@@ -33,7 +39,7 @@ from flax import traverse_util
 HIGHEST = jax.lax.Precision.HIGHEST
 GRAM_MODES = (None, "diag", "full")
 QKV_MODES = ("fused", "separate")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: jax_enable_x64
 
 
 class MissingAssetError(RuntimeError):
@@ -63,21 +69,25 @@ class Backbone:
     tokenize: Callable | None = None            # text: tokenize(list[str], max_len) -> {"input_ids", "attention_mask"}
     module: nn.Module | None = dataclasses.field(default=None, repr=False)  # the Flax module behind ``apply``
 
-    def apply(self, params, lora, inputs, *, gram=None, weights=None):
+    def apply(self, params, lora, inputs, *, gram=None, weights=None, segments=None):
         """Features (and optionally per-layer input Grams) of a batch.
 
         Args:
           params: frozen pytree with the structure of ``self.params``.
-          lora: ``{path: {"A": [r, d_in], "B": [d_out, r]}}`` for exactly ``self.lora_shapes``, or ``None``.
+          lora: ``{path: {"A": [r, d_in], "B": [d_out, r]}}`` for exactly ``self.lora_shapes``, or ``None``; or per
+            block of examples ``{"A": [G, r, d_in], "B": [G, d_out, r]}`` (``G`` divides the batch; see above).
           inputs: image: float32 ``[B, H, W, 3]`` (NHWC, already normalised with ``mean``/``std``, ``H = W =
             image_size``); text: ``{"input_ids": int [B, T], "attention_mask": int [B, T]}``.
           gram: ``None`` (no statistics), ``"diag"`` (``[d_in]`` per layer) or ``"full"`` (``[d_in, d_in]``).
           weights: optional float ``[B]`` per-example row weight for the Grams (0 for padded examples; default 1).
             Text rows are further multiplied by the token's attention mask. Does not affect ``features``.
+          segments: optional ``(ids int [G], K)``: the batch is ``G`` equal blocks of examples and block g belongs to
+            client ``ids[g]``; each Gram is then ``[K, ...]``, summed per client.
 
         Returns:
           ``(features float32 [B, feature_dim], grams)`` with ``grams = {}`` when ``gram is None``, else
-          ``{path: G}`` for every path in ``lora_shapes``, accumulated in float32.
+          ``{path: G}`` for every path in ``lora_shapes``, accumulated in float32 (float64 with a float64 compute
+          dtype).
         """
         if gram not in GRAM_MODES:
             raise ValueError(f"gram must be one of {GRAM_MODES}, got {gram!r}")
@@ -88,7 +98,8 @@ class Backbone:
             variables["lora"] = traverse_util.unflatten_dict({tuple(p.split("/")): f for p, f in lora.items()})
         if gram is None:
             return self.module.apply(variables, inputs, gram=None, weights=weights), {}
-        features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, mutable=["grams"])
+        features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, segments=segments,
+                                            mutable=["grams"])
         grams = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"]).items()}
         return features, dict(sorted(grams.items()))
 
@@ -151,34 +162,48 @@ def lora_shapes_of(params) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 class GramSpec(NamedTuple):
-    """What a LoRA layer records: ``mode`` ("diag" / "full") and the row weights ``row_w [B, T]`` (None = all 1)."""
+    """What a LoRA layer records: ``mode`` ("diag" / "full"), the row weights ``row_w [B, T]`` (None = all 1) and
+    optionally ``segments = (ids [G], K)``: per-client sums over G equal blocks of examples (see the module doc)."""
     mode: str
     row_w: jax.Array | None
+    segments: tuple | None = None
 
 
 def layer_gram(x, spec: GramSpec):
-    """Gram of a layer input ``x [..., d]`` over all rows, in float32: ``Σ w x²`` ("diag") or ``Σ w x xᵀ`` ("full").
+    """Gram of a layer input ``x [..., d]`` over all rows: ``Σ w x²`` ("diag") or ``Σ w x xᵀ`` ("full"), in float32
+    (float64 for float64 inputs); with ``spec.segments`` one per client, ``[K, d]`` / ``[K, d, d]``.
 
-    Both are dots (precision HIGHEST) rather than reductions, so the result does not depend on XLA's fusion choices
+    All are dots (precision HIGHEST) rather than reductions, so the result does not depend on XLA's fusion choices
     (see :class:`LayerNorm`); "diag" is the vector-matrix product ``w @ (x ⊙ x)`` and never forms a d×d matrix.
+    Segmented: one Gram per block (``[G, ·]``, batched dots over the block's rows), then a segment sum over blocks.
     """
-    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    w = jnp.ones((x.shape[0],), jnp.float32) if spec.row_w is None else spec.row_w.reshape(-1).astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.reshape(-1, x.shape[-1]).astype(acc)
+    w = jnp.ones((x.shape[0],), acc) if spec.row_w is None else spec.row_w.reshape(-1).astype(acc)
+    if spec.segments is None:
+        if spec.mode == "diag":
+            return jnp.matmul(w, x * x, precision=HIGHEST)
+        return jnp.matmul((x * w[:, None]).T, x, precision=HIGHEST)
+    ids, num = spec.segments
+    xb, wb = x.reshape(ids.shape[0], -1, x.shape[-1]), w.reshape(ids.shape[0], -1)  # [G, rows per block, d]
     if spec.mode == "diag":
-        return jnp.matmul(w, x * x, precision=HIGHEST)
-    return jnp.matmul((x * w[:, None]).T, x, precision=HIGHEST)
+        blocks = jnp.einsum("gn,gnd->gd", wb, xb * xb, precision=HIGHEST)
+    else:
+        blocks = jnp.einsum("gnd,gne->gde", xb * wb[..., None], xb, precision=HIGHEST)
+    return jax.ops.segment_sum(blocks, ids, num_segments=num)
 
 
 def dot(x, w, dtype):
-    """``x @ w`` computed in ``dtype`` with a float32 result."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    """``x @ w`` (batched over leading axes) computed in ``dtype`` with a float32 result (float64 for float64)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.promote_types(dtype, jnp.float32))
 
 
 class LoRADense(nn.Module):
     """``y = x @ kernel + b + (x @ Aᵀ) @ Bᵀ``; x: [..., d_in] -> y: float32 [..., features].
 
-    ``A``/``B`` are read from the ``"lora"`` collection when present (plain dense layer otherwise). With a GramSpec the
-    layer also sows the Gram of its input ``x`` into the ``"grams"`` collection.
+    ``A``/``B`` are read from the ``"lora"`` collection when present (plain dense layer otherwise); per-block factors
+    ``A [G, r, d_in]``, ``B [G, d_out, r]`` apply to G equal contiguous blocks of the rows (examples). With a GramSpec
+    the layer also sows the Gram of its input ``x`` into the ``"grams"`` collection.
     """
     features: int
     dtype: Any = jnp.float32
@@ -193,7 +218,11 @@ class LoRADense(nn.Module):
         y = dot(x, kernel, self.dtype) + bias
         if self.has_variable("lora", "A"):
             a, b = self.get_variable("lora", "A"), self.get_variable("lora", "B")
-            y = y + dot(dot(x, a.T, self.dtype), b.T, self.dtype)
+            if a.ndim == 2:
+                y = y + dot(dot(x, a.T, self.dtype), b.T, self.dtype)
+            else:  # per block: [G, rows/G, d_in] @ [G, d_in, r] @ [G, r, d_out]
+                xb = x.reshape(a.shape[0], -1, x.shape[-1])
+                y = y + dot(dot(xb, a.swapaxes(-1, -2), self.dtype), b.swapaxes(-1, -2), self.dtype).reshape(y.shape)
         if spec is not None:
             self.sow("grams", "gram", layer_gram(x, spec), init_fn=lambda: 0.0, reduce_fn=lambda acc, g: acc + g)
         return y.reshape(*lead, self.features)
@@ -218,11 +247,12 @@ class SelfAttention(nn.Module):
         else:
             q, k, v = (LoRADense(d, self.dtype, name=n)(x, spec) for n in ("q", "k", "v"))
         q, k, v = (z.reshape(b, t, self.heads, hd).astype(self.dtype) for z in (q, k, v))
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=acc) / math.sqrt(hd)
         if mask is not None:
             logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bhqk,bkhc->bqhc", probs, v, preferred_element_type=jnp.float32).reshape(b, t, d)
+        o = jnp.einsum("bhqk,bkhc->bqhc", probs, v, preferred_element_type=acc).reshape(b, t, d)
         return LoRADense(d, self.dtype, name="out")(o, spec)
 
 
@@ -285,6 +315,8 @@ def check_options(qkv, compute_dtype):
         raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if compute_dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("compute_dtype = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or jax_enable_x64) first")
     return COMPUTE_DTYPES[compute_dtype]
 
 

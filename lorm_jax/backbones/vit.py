@@ -89,7 +89,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images, *, gram=None, weights=None, all_tokens=False):
+    def __call__(self, images, *, gram=None, weights=None, segments=None, all_tokens=False):
         x = PatchEmbed(self.patch, self.width, self.dtype, name="embedding")(images)
         b, n, d = x.shape
         cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
@@ -98,7 +98,7 @@ class ViT(nn.Module):
         spec = None
         if gram is not None:
             row_w = None if weights is None else jnp.asarray(weights, jnp.float32)[:, None]
-            spec = GramSpec(gram, None if row_w is None else jnp.broadcast_to(row_w, (b, 1 + n)))
+            spec = GramSpec(gram, None if row_w is None else jnp.broadcast_to(row_w, (b, 1 + n)), segments)
         for i in range(self.depth):
             x = Block(self.heads, self.mlp_dim, self.layer_scale, self.ln_eps, self.qkv, self.dtype,
                       name=f"block_{i:02d}")(x, spec)

@@ -3,7 +3,7 @@
 * :mod:`.datasets`  host-side numpy datasets (registry ``load(name, **options)``).
 * :mod:`.tasks`     class orders, task splits, relabelling to contiguous logit ranges.
 * :mod:`.partition` Dirichlet / label-quantity / iid client partitions of a task (LORM_SPEC §10.3).
-* :mod:`.batching`  padded per-client minibatch schedules for one vmapped round.
+* :mod:`.batching`  per-client minibatch schedules, training lanes and packed passes for the vmapped programs.
 * :mod:`.augment`   jit/vmap-friendly image transforms (LORM_SPEC §10.4). Imports JAX; the other modules are numpy-only.
 """
 from . import augment, batching, datasets, partition, tasks
@@ -12,7 +12,7 @@ try:
     from . import tfds_data  # registers the "tfds/<name>" paper datasets; tensorflow-datasets/grain load lazily
 except ImportError:  # pragma: no cover
     tfds_data = None
-from .batching import client_schedule, eval_schedule, steps_per_client
+from .batching import client_schedule, eval_schedule, lane_schedule, pack_lanes, packed_schedule, steps_per_client
 from .datasets import (ArrayDataset, DatasetFormatError, DatasetNotFoundError, available, load, load_with_fallback,
                        select_classes, stratified_split, subsample_per_class)
 # NB: the dispatcher function is NOT re-exported, so that ``lorm_jax.data.partition`` stays the module;
@@ -26,5 +26,5 @@ __all__ = [
     "select_classes", "stratified_split", "subsample_per_class",
     "class_order", "task_classes", "relabel", "task_offsets", "task_indices", "seen_class_mask", "task_of_class",
     "dirichlet_partition", "quantity_partition", "iid_partition", "client_label_counts",
-    "client_schedule", "eval_schedule", "steps_per_client",
+    "client_schedule", "eval_schedule", "lane_schedule", "pack_lanes", "packed_schedule", "steps_per_client",
 ]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["to_float", "resize", "random_resized_crop", "rrc_params", "random_flip", "random_crop",
-           "center_crop", "train_transform", "test_transform", "normalize",
+           "center_crop", "train_transform", "train_views", "test_transform", "normalize",
            "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,14 +143,23 @@ def train_transform(key, images, out_size: int, *, crop_scale: Sequence[float] |
                     method: str = "bilinear") -> jax.Array:
     """``[B, H, W, C]`` uint8 (or float in [0,1]) -> ``float32 [B, out, out, 3]`` in [0, 1].
 
-    Per example ``b`` (key ``jax.random.split(key, B)[b]``, itself split into crop and flip keys):
-    ``RandomResizedCrop(out, crop_scale, crop_ratio)`` (or a plain resize when ``crop_scale is None``), then a
-    horizontal flip with p = 0.5 if ``flip``. Deterministic given ``key``.
+    :func:`train_views` with the per-example keys ``jax.random.split(key, B)``. Deterministic given ``key``.
+    """
+    return train_views(jax.random.split(key, images.shape[0]), images, out_size, crop_scale=crop_scale,
+                       crop_ratio=crop_ratio, flip=flip, method=method)
+
+
+def train_views(keys, images, out_size: int, *, crop_scale: Sequence[float] | None = (0.08, 1.0),
+                crop_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, method: str = "bilinear") -> jax.Array:
+    """Per-example keys ``[B]`` and images ``[B, H, W, C]`` -> ``float32 [B, out, out, 3]`` in [0, 1].
+
+    Example ``b`` splits ``keys[b]`` into crop and flip keys: ``RandomResizedCrop(out, crop_scale, crop_ratio)`` (or a
+    plain resize when ``crop_scale is None``), then a horizontal flip with p = 0.5 if ``flip``. An example's view
+    depends only on its own key, so batches that mix clients (packed passes) draw what per-client batches draw.
     """
     x = to_float(images)
     if crop_scale is None:
         x = resize(x, out_size, method=method)
-    keys = jax.random.split(key, x.shape[0])
 
     def one(k, img):
         kc, kf = jax.random.split(k)

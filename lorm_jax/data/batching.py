@@ -1,8 +1,12 @@
-"""Padded minibatch schedules so that one federated round runs as a single ``vmap`` over clients.
+"""Minibatch schedules for the vmapped client programs: per-client schedules, lanes, packed passes.
 
 A schedule is ``idx int32 [..., S, B]`` (dataset positions to gather) and ``mask bool [..., S, B]`` (True = real
 example). Padding entries have ``idx = 0`` (a valid position, so gathers never go out of bounds) and
 ``mask = False``.
+
+Local training runs clients back to back in a few vmapped *lanes* (:func:`pack_lanes`, :func:`lane_schedule`), so a
+round costs about the clients' real steps, not K × the largest client's. Passes without per-client state (Gram
+statistics, evaluation) pack every client's examples into shared batches (:func:`packed_schedule`).
 
 Engine contract: the loss of a step is the mean over its *valid* examples, ``sum(mask * l) / max(sum(mask), 1)``
 (= PyTorch's mean over a partial last batch), and a step whose mask is all False must leave parameters **and
@@ -15,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["client_schedule", "eval_schedule", "steps_per_client"]
+__all__ = ["client_schedule", "eval_schedule", "lane_schedule", "pack_lanes", "packed_schedule", "steps_per_client"]
 
 
 def steps_per_client(sizes: Sequence[int], batch_size: int, epochs: int) -> np.ndarray:
@@ -75,3 +79,127 @@ def eval_schedule(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     m = np.zeros(s * batch_size, bool)
     m[:n] = True
     return flat.reshape(s, batch_size), m.reshape(s, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lanes: ragged clients run back to back in P vmapped lanes (local training), and packed passes (Grams, evaluation).
+
+def pack_lanes(steps: Sequence[int], num_lanes: int) -> list[list[int]]:
+    """Bin-pack clients with ``steps[k]`` local steps into ``num_lanes`` lanes, longest first (LPT).
+
+    Clients are taken by decreasing step count (ties: lower index first) and each goes to the lane with the least
+    work so far (ties: the lower lane). Returns, per lane, the clients in the order the lane runs them. The longest
+    lane is at most ``max(max_k S_k, ΣS/P) · 4/3`` (Graham's LPT bound) and usually within one client of
+    ``max(max_k S_k, ⌈ΣS/P⌉)``. Clients with 0 steps are placed too (they cost nothing) so every client has a slot.
+    """
+    if num_lanes < 1:
+        raise ValueError(f"need at least one lane, got {num_lanes}")
+    lanes: list[list[int]] = [[] for _ in range(num_lanes)]
+    load = np.zeros(num_lanes, np.int64)
+    for k in sorted(range(len(steps)), key=lambda k: (-int(steps[k]), k)):
+        p = int(np.argmin(load))
+        lanes[p].append(k)
+        load[p] += int(steps[k])
+    return lanes
+
+
+def lane_schedule(client_idx: Sequence[np.ndarray], client_mask: Sequence[np.ndarray], lanes: list[list[int]],
+                  num_steps: int, num_slots: int) -> dict:
+    """Lay out the clients' own step schedules back to back along their lanes.
+
+    ``client_idx[k], client_mask[k]``: ``[S_k, B]`` (only real steps; from :func:`client_schedule` of client k alone).
+    ``num_steps`` (T, ≥ the longest lane) and ``num_slots`` (M, ≥ 1 + the most clients in a lane) fix the shapes, so
+    every round of a run has the same ones. Returns numpy arrays, leading axes ``[P, T]``:
+
+    * ``idx, mask [P, T, B]``: the batches; ``mask`` all False past a lane's end;
+    * ``client [P, T]``: whose step it is (its PRNG key is ``fold_in(key[client], step)``);
+    * ``step [P, T]``: the step's number within that client's own schedule (0, 1, …);
+    * ``first [P, T]``: the client's first step: the lane resets to the server's parameters and a fresh optimizer;
+    * ``slot [P, T]``: where the lane writes the client's outputs (its position in the lane; ``M − 1`` past the end,
+      a scratch slot no client owns);
+    * ``lane_of, slot_of [K]``: where client k's outputs are; ``num_steps`` (the loop length this round: the longest
+      lane), ``num_slots`` (M) and ``real_steps`` (Σ S_k).
+    """
+    P, K = len(lanes), len(client_idx)
+    batch = client_idx[0].shape[-1] if K else 1
+    idx = np.zeros((P, num_steps, batch), np.int32)
+    mask = np.zeros((P, num_steps, batch), bool)
+    client = np.zeros((P, num_steps), np.int32)
+    step = np.zeros((P, num_steps), np.int32)
+    first = np.zeros((P, num_steps), bool)
+    slot = np.full((P, num_steps), num_slots - 1, np.int32)
+    lane_of, slot_of = np.zeros(K, np.int32), np.zeros(K, np.int32)
+    longest = 0
+    for p, members in enumerate(lanes):
+        if len(members) > num_slots - 1:
+            raise ValueError(f"lane {p} holds {len(members)} clients but only {num_slots - 1} slots are laid out")
+        t = 0
+        for m, k in enumerate(members):
+            n = len(client_idx[k])
+            if t + n > num_steps:
+                raise ValueError(f"lane {p} needs more than num_steps = {num_steps} steps")
+            idx[p, t:t + n], mask[p, t:t + n] = client_idx[k], client_mask[k]
+            client[p, t:t + n], step[p, t:t + n], slot[p, t:t + n] = k, np.arange(n), m
+            first[p, t] = n > 0
+            lane_of[k], slot_of[k] = p, m
+            t += n
+        longest = max(longest, t)
+    return {"idx": idx, "mask": mask, "client": client, "step": step, "first": first, "slot": slot,
+            "lane_of": lane_of, "slot_of": slot_of, "num_steps": max(longest, 1), "num_slots": num_slots,
+            "real_steps": int(sum(len(x) for x in client_idx))}
+
+
+def packed_schedule(client_indices: Sequence[np.ndarray], stream_batch: int, passes: int, *, block: int,
+                    blocks_per_batch: int, shards: int = 1, num_batches: int | None = None) -> dict:
+    """Pack every client's examples into shared batches for a pass with no per-client state (Grams, evaluation).
+
+    Client k's stream is its examples in order, ``passes`` times, numbered as :func:`client_schedule` with
+    ``shuffle=False`` and batch ``stream_batch`` numbers them: example i of pass e is at step
+    ``e·⌈n_k/stream_batch⌉ + i // stream_batch``, position ``i % stream_batch`` (which keeps each example's PRNG key,
+    ``split(fold_in(key_k, step), stream_batch)[position]``, independent of the packing). The stream is cut into
+    client-pure *blocks* of ``block`` examples (the last one padded), the blocks of all clients are concatenated,
+    dealt in equal contiguous shares to ``shards`` devices and grouped ``blocks_per_batch`` to a batch.
+
+    Returns numpy arrays with leading axes ``[shards, NB, blocks_per_batch]`` (NB = ``num_batches`` if given, else
+    the most any shard needs): ``idx, mask, step, position [.., block]`` and ``block_client`` (the client of each
+    block); plus ``num_batches`` (loop length: the most any shard needs) and ``real_examples``.
+    """
+    blocks_idx, blocks_mask, blocks_step, blocks_pos, owner = [], [], [], [], []
+    for k, ix in enumerate(client_indices):
+        ix = np.asarray(ix, np.int64)
+        n = len(ix)
+        if n == 0 or passes == 0:
+            continue
+        per_pass = math.ceil(n / stream_batch)
+        i = np.tile(np.arange(n), passes)
+        e = np.repeat(np.arange(passes), n)
+        steps, pos = e * per_pass + i // stream_batch, i % stream_batch
+        nb = math.ceil(len(i) / block)
+        pad = nb * block - len(i)
+        fill = lambda a: np.concatenate([a, np.zeros(pad, a.dtype)]).reshape(nb, block)  # noqa: E731
+        blocks_idx.append(fill(ix[i]))
+        blocks_mask.append(fill(np.ones(len(i), bool)))
+        blocks_step.append(fill(steps))
+        blocks_pos.append(fill(pos))
+        owner.append(np.full(nb, k))
+    total = sum(len(o) for o in owner)
+    per_shard = math.ceil(total / shards) if total else 0
+    need = max(math.ceil(per_shard / blocks_per_batch), 1)
+    nb = need if num_batches is None else num_batches
+    if need > nb:
+        raise ValueError(f"the pass needs {need} batches per shard but only num_batches = {nb} are laid out")
+    cat = lambda xs, dt: (np.concatenate(xs) if xs else np.zeros((0, block), dt)).astype(dt)  # noqa: E731
+    arrays = {"idx": cat(blocks_idx, np.int32), "mask": cat(blocks_mask, bool), "step": cat(blocks_step, np.int32),
+              "position": cat(blocks_pos, np.int32),
+              "block_client": np.concatenate(owner).astype(np.int32) if owner else np.zeros(0, np.int32)}
+    out = {}
+    for name, a in arrays.items():
+        # shard s takes blocks [s·per_shard, (s+1)·per_shard); padding blocks (mask False, client 0) fill the rest
+        padded = np.zeros((shards, nb * blocks_per_batch) + a.shape[1:], a.dtype)
+        for s in range(shards):
+            part = a[s * per_shard:(s + 1) * per_shard]
+            padded[s, :len(part)] = part
+        out[name] = padded.reshape((shards, nb, blocks_per_batch) + a.shape[1:])
+    out["num_batches"] = need
+    out["real_examples"] = int(sum(len(ix) for ix in client_indices) * passes)
+    return out

@@ -28,7 +28,7 @@ class Centralized:
         config = copy.deepcopy(config)
         config.num_clients = 1
         config.data.partition = "iid"
-        config.client_chunk = 0
+        config.client_lanes = 0
         return config
 
     def train_factor(self, round_idx: int) -> str:

@@ -1,0 +1,262 @@
+"""Lanes and packed passes: a client's result does not depend on how clients are laid out.
+
+The equivalence tests run the tiny backbones with ``compute_dtype="float64"`` under ``jax.enable_x64``: float64
+rounding (~1e-16 relative) is far below anything a layout bug could produce, and AdamW cannot amplify it the way it
+amplifies float32 rounding of near-zero gradients (``lr·g/(|g| + ε)`` with ε = 1e-8: a gradient perturbed by
+~1e-16·|g|max, |g|max ≲ 1, moves a step by ≲ lr·1e-16/1e-8 = 1e-10 at lr ≤ 1e-2). So the tolerances below hold on any
+CPU, thread count and instruction set, while a client trained on the wrong batch, key, step count or from the wrong
+state is off by O(lr).
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lorm_jax import continual, federated
+from lorm_jax import lora as lora_lib
+from lorm_jax.backbones.common import GramSpec, layer_gram
+from lorm_jax.data import batching
+from tests._tiny import tiny_config
+
+X64 = functools.partial(jax.enable_x64, True)
+TINY_VIT_64 = {"image_size": 16, "patch": 4, "width": 32, "depth": 1, "heads": 2, "mlp": 64, "seed": 0,
+               "compute_dtype": "float64"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layouts (numpy only)
+
+def test_pack_lanes_is_longest_first_and_balanced():
+    steps = [5, 1, 8, 3, 0, 8, 2]
+    lanes = batching.pack_lanes(steps, 3)
+    assert sorted(k for lane in lanes for k in lane) == list(range(7))  # every client exactly once, zero-step too
+    assert lanes[0][0] == 2 and lanes[1][0] == 5  # the two largest open the first lanes (ties: lower index first)
+    loads = [sum(steps[k] for k in lane) for lane in lanes]
+    assert max(loads) <= max(max(steps), math.ceil(sum(steps) / 3)) + max(steps) // 3  # LPT: within 4/3 of optimum
+    assert batching.pack_lanes(steps, 1) == [[2, 5, 0, 3, 6, 1, 4]]
+    with pytest.raises(ValueError):
+        batching.pack_lanes(steps, 0)
+
+
+def test_lane_schedule_lays_clients_back_to_back():
+    rng = np.random.default_rng(0)
+    steps = [3, 0, 2, 4]
+    own = [(rng.integers(0, 99, (s, 4)).astype(np.int32), rng.random((s, 4)) < 0.8) for s in steps]
+    for m in own:
+        m[1][:, 0] = True  # every real step has a real example
+    lanes = batching.pack_lanes(steps, 2)
+    lay = batching.lane_schedule([o[0] for o in own], [o[1] for o in own], lanes, num_steps=7, num_slots=4)
+    assert lay["idx"].shape == (2, 7, 4) and lay["num_steps"] == max(5, 4) and lay["real_steps"] == 9
+    for k, (idx, mask) in enumerate(own):
+        p, m = lay["lane_of"][k], lay["slot_of"][k]
+        rows = np.flatnonzero((lay["client"][p] == k) & lay["mask"][p].any(-1))
+        assert len(rows) == steps[k]
+        np.testing.assert_array_equal(lay["idx"][p, rows], idx)
+        np.testing.assert_array_equal(lay["mask"][p, rows], mask)
+        np.testing.assert_array_equal(lay["step"][p, rows], np.arange(steps[k]))
+        assert np.all(lay["slot"][p, rows] == m)
+        if steps[k]:
+            assert lay["first"][p, rows[0]] and not lay["first"][p, rows[1:]].any()
+    assert np.all(lay["slot"][~lay["mask"].any(-1)] == 3)  # past a lane's end: the scratch slot
+    with pytest.raises(ValueError, match="num_steps"):
+        batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 1, 2, 3]], num_steps=7, num_slots=5)
+
+
+@pytest.mark.parametrize("block,shards", [(1, 1), (3, 1), (2, 2)])
+def test_packed_schedule_keeps_every_example_and_its_stream_position(block, shards):
+    rng = np.random.default_rng(1)
+    clients = [rng.permutation(200)[:n] for n in (7, 0, 16, 1, 33)]
+    passes, stream = 2, 8
+    lay = batching.packed_schedule(clients, stream, passes, block=block, blocks_per_batch=4, shards=shards)
+    assert lay["idx"].shape[:3] == (shards, lay["num_batches"], 4) and lay["idx"].shape[3] == block
+    owner = np.broadcast_to(lay["block_client"][..., None], lay["idx"].shape)
+    assert lay["real_examples"] == passes * sum(len(c) for c in clients) == lay["mask"].sum()
+    for k, ix in enumerate(clients):
+        want_idx, want_mask = batching.client_schedule([ix], stream, passes, np.random.default_rng(0), shuffle=False)
+        want = {(int(want_idx[0, s, j]), s, j) for s, j in zip(*np.nonzero(want_mask[0]))}
+        sel = lay["mask"] & (owner == k)
+        got = set(zip(lay["idx"][sel].tolist(), lay["step"][sel].tolist(), lay["position"][sel].tolist()))
+        assert got == want and sel.sum() == len(want)  # each (example, step, position) exactly once
+    blocks = lay["mask"].any(-1)
+    assert len(np.unique(lay["block_client"][blocks])) == 4  # the empty client owns no block
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local training: lanes == a plain per-client loop
+
+@pytest.fixture(scope="module")
+def setup64():
+    with X64():
+        return continual.build_setup(tiny_config(num_clients=5, **{"backbone.options": TINY_VIT_64,
+                                                                   "data.min_samples": 1, "data.beta": 0.3}))
+
+
+def _as64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def reference_training(setup, lora, head, own_idx, own_mask, keys, phase, lr, class_mask):
+    """Each client alone, one jitted AdamW step at a time (an independent re-statement of local training)."""
+    bb, c = setup.backbone, setup.config
+    prepare = continual._make_prepare(c, bb, setup.dataset.kind)
+    tx = federated.make_optimizer(lr, c.lr, c.weight_decay)
+    trains = lora_lib.phase_mask(lora, *phase)
+
+    @jax.jit
+    def step(params, opt_state, idx, mask, key):
+        inputs, labels = prepare(setup.train, idx, jax.random.split(key, idx.shape[0]), True)
+
+        def loss_fn(p):
+            features, _ = bb.apply(bb.params, p["lora"], inputs)
+            return federated.masked_cross_entropy(federated.head_logits(p["head"], features), labels, class_mask,
+                                                  mask.astype(jnp.float64))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], trains), "head": grads["head"]}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        updates = {"lora": jax.tree.map(jnp.multiply, updates["lora"], trains), "head": updates["head"]}
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    out = []
+    for k in range(len(own_idx)):
+        params = {"lora": lora, "head": head}
+        opt_state, losses = tx.init(params), []
+        for s in range(len(own_idx[k])):
+            params, opt_state, loss = step(params, opt_state, own_idx[k][s], own_mask[k][s],
+                                           jax.random.fold_in(keys[k], s))
+            losses.append(float(loss))
+        out.append({**params, "loss": float(np.mean(losses)) if losses else 0.0, "num_steps": len(losses)})
+    return out
+
+
+@pytest.mark.parametrize("num_lanes", [1, 2, 3, 5])
+def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
+    """Acceptance (#15): for several P, every client's trained factor, head, loss and step count equal a plain loop
+    over that client's own batches; client 1 holds no data (0 steps: it returns the server's parameters)."""
+    with X64():
+        s, c = setup64, setup64.config
+        state = continual.initial_state(s)
+        lora = _as64({p: {"A": f["A"], "B": 0.1 + 0 * f["B"]} for p, f in state["lora"].items()})  # A gets gradients
+        head = _as64(state["head"])
+        parts = [p.copy() for p in s.partitions[0]]
+        parts[1] = parts[1][:0]
+        own = [batching.client_schedule([p], c.batch_size, 2, np.random.default_rng(k)) for k, p in enumerate(parts)]
+        steps = batching.steps_per_client([len(p) for p in parts], c.batch_size, 2)
+        own_idx = [o[0][0, :n] for o, n in zip(own, steps)]
+        own_mask = [o[1][0, :n] for o, n in zip(own, steps)]
+        keys = continual.client_keys(3, 0, 0, np.arange(len(parts)), continual.TRAIN_STREAM)
+        rows = continual._task_rows(s, 0)
+        phase = (1.0, 1.0)  # both factors and the head move: every output is checked
+        lanes = batching.lane_schedule(own_idx, own_mask, batching.pack_lanes(steps, num_lanes),
+                                       num_steps=int(steps.sum()) + 2, num_slots=len(parts) + 2)
+        got = federated.numpy_tree(federated.train_clients(s.fns, s.backbone.params, s.train, lora, head, lanes,
+                                                           keys, phase, 3e-3, rows))
+        want = reference_training(s, lora, head, own_idx, own_mask, keys, phase, 3e-3, rows)
+    assert steps[1] == 0 and steps.max() > 1
+    for k, w in enumerate(want):
+        assert int(got["num_steps"][k]) == w["num_steps"] and bool(got["finite"][k])
+        # ≤ 10 steps of ≲ 1e-10 each (module docstring): parameters within 1e-9, losses likewise
+        np.testing.assert_allclose(got["loss"][k], w["loss"], rtol=1e-9, atol=1e-9)
+        for name in ("lora", "head"):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=0, atol=1e-9), got[name], w[name])
+    np.testing.assert_array_equal(got["head"]["w"][1], head["w"])  # the empty client is the server's model
+
+
+def test_loop_buffers_change_nothing(setup64):
+    """Longer loop buffers and more client slots (the run-wide shapes) leave every output bit-identical: padding
+    steps are never executed."""
+    with X64():
+        s, c = setup64, setup64.config
+        state = continual.initial_state(s)
+        lanes = continual.lane_layout(s, 0, 0)
+        outs = []
+        for extra in (0, 5):
+            lay = batching.lane_schedule(
+                [lanes["idx"][lanes["lane_of"][k], lanes["client"][lanes["lane_of"][k]] == k]
+                 for k in range(c.num_clients)],
+                [lanes["mask"][lanes["lane_of"][k], lanes["client"][lanes["lane_of"][k]] == k]
+                 for k in range(c.num_clients)],
+                s.schedule.members[0], lanes["idx"].shape[1] + extra, lanes["num_slots"] + extra)
+            outs.append(federated.numpy_tree(federated.train_clients(
+                s.fns, s.backbone.params, s.train, state["lora"], state["head"], lay,
+                continual.client_keys(0, 0, 0, np.arange(c.num_clients), 0), (0.0, 1.0), 1e-2,
+                continual._task_rows(s, 0))))
+    jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed Gram pass == per-client Grams
+
+def reference_grams(setup, params, client_lora, keys, scale):
+    """Each client's Grams from its own examples alone: the unsegmented backbone Grams of every stream batch."""
+    c, bb = setup.config, setup.backbone
+    prepare = continual._make_prepare(c, bb, setup.dataset.kind)
+    stream = c.gram_batch_size or c.batch_size
+    b_mode = "diag" if c.alpha_backbone == 0 else "full"
+    h_mode = "diag" if c.alpha_head == 0 else "full"
+
+    @jax.jit
+    def one(lora, idx, mask, key):
+        inputs, _ = prepare(setup.train, idx, jax.random.split(key, idx.shape[0]), c.gram_augment)
+        features, grams = bb.apply(params, lora, inputs, gram=b_mode, weights=mask.astype(jnp.float64))
+        return grams, layer_gram(features, GramSpec(h_mode, mask.astype(jnp.float64)))
+
+    out = []
+    for k, part in enumerate(setup.partitions[0]):
+        idx, mask = batching.client_schedule([part], stream, c.gram_passes, np.random.default_rng(0), shuffle=False)
+        lora = {p: {"A": f["A"][k], "B": f["B"][k] * scale} for p, f in client_lora.items()}
+        total = None
+        for s in range(idx.shape[1]):
+            g = one(lora, idx[0, s], mask[0, s], jax.random.fold_in(keys[k], s))
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("kind,alpha", [("image", 0.0), ("image", 0.5), ("text", 0.0), ("text", 0.5)])
+def test_packed_grams_equal_per_client_grams(kind, alpha):
+    """Acceptance (#15): the packed pass (clients mixed in batches, LoRA gathered per block, segment sums) gives each
+    client the Grams of its own examples alone: diagonal and full (shrunk) Grams, images with train augmentation
+    (each example keeps its own key) and text with padding tokens (attention-masked rows)."""
+    if kind == "image":
+        opts = {"backbone.options": TINY_VIT_64}
+    else:
+        opts = {"backbone.name": "tiny_bert", "data.name": "synthetic_text", "data.max_len": 12,
+                "backbone.options": {"width": 32, "depth": 1, "heads": 2, "mlp": 64, "max_len": 12,
+                                     "compute_dtype": "float64"},
+                "data.options": {"num_classes": 4, "n_train": 40, "n_test": 12, "seed": 0}}
+    with X64():
+        s = continual.build_setup(tiny_config(num_clients=4, alpha_backbone=alpha, alpha_head=alpha, gram_passes=2,
+                                              gram_batch_size=8, **{"data.min_samples": 1, "data.beta": 0.3}, **opts))
+        rng = np.random.default_rng(0)
+        K = s.config.num_clients
+        client_lora = {p: {"A": jnp.asarray(rng.normal(size=(K, 4, d_in)) / np.sqrt(d_in)),
+                           "B": jnp.asarray(rng.normal(size=(K, d_out, 4)) * 0.1)}
+                       for p, (d_out, d_in) in s.backbone.lora_shapes.items()}
+        keys = continual.client_keys(0, 0, 0, np.arange(K), continual.GRAM_STREAM)
+        grams, head = federated.numpy_tree(federated.client_grams(s.fns, s.backbone.params, s.train, client_lora,
+                                                                  s.schedule.gram_packed[0], keys, 0.5))
+        want = reference_grams(s, s.backbone.params, client_lora, keys, 0.5)
+    if kind == "text":
+        assert (np.asarray(s.train["attention_mask"]) == 0).any()  # padding tokens are there to be left out
+    assert s.schedule.gram_block == (1 if alpha == 0 else (4 if kind == "image" else 6))
+    # float64 sums in another order: ~1e-15 relative. Shrunk Grams come back as float32 (merging.shrink_gram): both
+    # sides then round the same float64 value, equal or one float32 ulp apart (2⁻²³ relative).
+    rtol = 2.0 ** -22 if alpha else 1e-10
+    for k in range(K):
+        w_grams, w_head = want[k]
+        if alpha:
+            w_grams = {p: merge_shrink(g, alpha) for p, g in w_grams.items()}
+            w_head = merge_shrink(w_head, alpha)
+        for p in grams:
+            np.testing.assert_allclose(grams[p][k], w_grams[p], rtol=rtol, atol=rtol * np.abs(w_grams[p]).max())
+        np.testing.assert_allclose(head[k], w_head, rtol=rtol, atol=rtol * np.abs(w_head).max())
+
+
+def merge_shrink(g, alpha):
+    """``α G + (1 − α) diag(G)`` of a full Gram, in numpy float64."""
+    g = np.asarray(g)
+    return alpha * g + (1 - alpha) * np.diag(np.diag(g))
