@@ -15,7 +15,9 @@ import numpy as np
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 42                       # every random draw is a fold_in chain of (seed, task, round, client, step)
+    c.seed = 42                       # training randomness: LoRA and head init, batch order, augmentation (fold_in
+                                      # chains of (seed, task, round, client, step)); also the data draws when
+                                      # data.seed = -1
     c.method = "lorm"                 # see lorm_jax.methods: lorm, lorm_a/_b, fedavg_lora, ffa_lora, regmean_lora,
                                       # centralized, linear_probe
 
@@ -31,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.n_test_per_class = 0
     c.data.classes_per_task = 2       # int (equal tasks) or a tuple of task sizes
     c.data.class_order_seed = -1      # -1 = natural label order (reference); else a seeded permutation
+    c.data.seed = -1                  # per-class subsample and client partitions; -1 = config.seed (see data_seed)
     c.data.partition = "dirichlet"    # dirichlet | quantity | iid
     c.data.beta = 0.5                 # Dirichlet concentration (smaller = more label skew)
     c.data.min_samples = 6            # redraw the task's partition until every client has this many (reference: 6)
@@ -52,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_b = -1.0
     c.weight_decay = 0.0
     c.rank = 1
+    c.head_init = "trunc_2sigma"      # head W: trunc_2sigma (0.02·N(0,1) cut at ±2σ, std ≈ 0.0176) | reference
+                                      # (timm's trunc_normal_(std=0.02): cut at ±2 absolute, i.e. N(0, 0.02²))
 
     c.alpha_backbone = 0.0            # Gram shrinkage α for LoRA layers (0 = diagonal only, the paper setting)
     c.alpha_head = 0.5                # … for the head (reference 0.5; 0.3 on CUB-200)
@@ -71,6 +76,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias: FedAvg)
     c.merge_diagnostics = True        # per-round response-matching residuals of the merge in metrics.jsonl
     return c
+
+
+def data_seed(c: ml_collections.ConfigDict) -> int:
+    """The seed of the data draws (per-class subsample, client partitions): ``config.data.seed``, or ``config.seed``
+    when it is -1 (the default, so configs written before the key existed draw the same data)."""
+    return int(c.seed if c.data.seed < 0 else c.data.seed)
+
+
+# Keys added after runs were recorded, each with the default that reproduces those runs. A workdir's config.json
+# written before a key existed is read as holding this default (see with_added_keys), so such runs stay resumable and
+# reusable. A new key belongs here only if its default changes nothing.
+ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma"}
+
+
+def with_added_keys(recorded: dict) -> dict:
+    """``recorded`` (a config as JSON, e.g. a workdir's config.json) with the :data:`ADDED_KEYS` it lacks set to their
+    defaults; a copy, nested dicts included."""
+    import copy
+    out = copy.deepcopy(recorded)
+    for dotted, default in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        target = out
+        for p in parents:
+            target = target.get(p) if isinstance(target, dict) else None
+        if isinstance(target, dict) and leaf not in target:
+            target[leaf] = default
+    return out
 
 
 def invalid(key: str, value, allowed: str) -> ValueError:
@@ -169,6 +201,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(key, _get(c, key), "must be an integer >= 0" + (" (0 = all / off)" if key != "seed" else ""))
     if c.data.class_order_seed < -1:
         _fail("data.class_order_seed", c.data.class_order_seed, "-1 (natural order) or a seed >= 0")
+    if c.data.seed < -1:
+        _fail("data.seed", c.data.seed, "-1 (use config.seed) or a seed >= 0")
     _check_classes_per_task(c.data.classes_per_task)
     from lorm_jax import backbones, methods
     if c.method not in methods.NAMES:
@@ -198,6 +232,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.mean", c.data.mean, "finite numbers")
     if len(c.data.mean) != len(c.data.std):
         _fail("data.mean", c.data.mean, "give data.mean and data.std together (or neither), of equal length")
+    if c.head_init not in ("trunc_2sigma", "reference"):
+        _fail("head_init", c.head_init, "trunc_2sigma (default) or reference (timm's N(0, 0.02²) cut at ±2)")
     if c.gram_network not in ("filler", "trained"):
         _fail("gram_network", c.gram_network, "one of filler (reference), trained")
     for key in ("alpha_backbone", "alpha_head"):

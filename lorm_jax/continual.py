@@ -52,22 +52,30 @@ def summarize(acc: np.ndarray, test_sizes: np.ndarray) -> dict:
     * final_average_accuracy: pooled over samples after the last task, ``Σ_τ n_τ acc[T-1, τ] / Σ n_τ`` (reference);
     * final_average_accuracy_task_mean: ``mean_τ acc[T-1, τ]``;
     * average_incremental_accuracy: mean over t of the pooled accuracy after task t;
-    * forgetting: ``mean_{τ<T-1} (max_{τ≤t<T-1} acc[t, τ] − acc[T-1, τ])``;
-    * bwt (backward transfer): ``mean_{τ<T-1} (acc[T-1, τ] − acc[τ, τ])``.
+    * forgetting (the drop from the best earlier accuracy):
+      ``mean_{τ<T-1} (max_{τ≤t<T-1} acc[t, τ] − acc[T-1, τ])``;
+    * forgetting_reference (the reference's ``compute_forgetting``, fed-mammoth ``utils/training.py`` at 09a9508: the
+      drop from the accuracy right after learning the task, averaged over *all* T tasks as the reference reports it,
+      so the last task's zero term counts): ``(1/T) Σ_{τ<T} (acc[τ, τ] − acc[T-1, τ])``. The reference works in
+      percent rounded to 2 decimals; here fractions, unrounded. Equal to ``(T-1)/T · forgetting`` when no task's
+      accuracy ever rises above its value right after learning it;
+    * bwt (backward transfer, kept for compatibility): ``mean_{τ<T-1} (acc[T-1, τ] − acc[τ, τ])
+      = −T/(T-1) · forgetting_reference`` (computed from the same per-task drops).
     """
     T = acc.shape[0]
     n = np.asarray(test_sizes, np.float64)
     pooled = [float(np.sum(acc[t, :t + 1] * n[:t + 1]) / np.sum(n[:t + 1])) for t in range(T)]
     last = acc[T - 1]
     forgetting = [float(np.max(acc[tau:T - 1, tau]) - last[tau]) for tau in range(T - 1)]
-    bwt = [float(last[tau] - acc[tau, tau]) for tau in range(T - 1)]
+    drop = [float(acc[tau, tau] - last[tau]) for tau in range(T)]  # drop[T-1] = 0
     return {
         "final_average_accuracy": pooled[-1],
         "final_average_accuracy_task_mean": float(np.mean(last)),
         "average_incremental_accuracy": float(np.mean(pooled)),
         "accuracy_after_task": pooled,
         "forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
-        "bwt": float(np.mean(bwt)) if bwt else 0.0,
+        "forgetting_reference": float(np.mean(drop)),
+        "bwt": 0.0 - float(np.mean(drop[:-1])) if T > 1 else 0.0,  # 0.0 - x: never -0.0
     }
 
 
@@ -205,7 +213,8 @@ def _split_task(c, labels: np.ndarray, task: int) -> list:
                                  f"task {task} has no training samples (check data.n_train_per_class, "
                                  f"data.max_classes)")
     try:
-        return split_clients(labels, c.num_clients, c.data.partition, np.random.default_rng([c.seed, task, 7]),
+        return split_clients(labels, c.num_clients, c.data.partition,
+                             np.random.default_rng([config_lib.data_seed(c), task, 7]),
                              beta=c.data.beta, classes_per_client=c.data.classes_per_client,
                              min_samples=c.data.min_samples)
     except ValueError as e:
@@ -229,7 +238,8 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
         largest = np.argsort(-ds.counts("train"), kind="stable")[:c.data.max_classes]
         ds = data_lib.select_classes(ds, np.sort(largest))
     if c.data.n_train_per_class or c.data.n_test_per_class:
-        ds = data_lib.subsample_per_class(ds, c.data.n_train_per_class or None, c.data.n_test_per_class or None, c.seed)
+        ds = data_lib.subsample_per_class(ds, c.data.n_train_per_class or None, c.data.n_test_per_class or None,
+                                          config_lib.data_seed(c))
     if (ds.kind == "text") != (backbone.kind == "text"):
         raise ValueError(f"config.data.name={c.data.name!r} is {ds.kind} data but config.backbone.name="
                          f"{c.backbone.name!r} is a {backbone.kind} backbone")
@@ -322,7 +332,8 @@ def initial_state(setup: Setup) -> dict:
     c, bb = setup.config, setup.backbone
     T = setup.num_tasks
     lora = lora_lib.init(jax.random.fold_in(_seed_key(c.seed), 10_000), bb.lora_shapes, c.rank)
-    head = federated.init_head(jax.random.fold_in(_seed_key(c.seed), 20_000), int(setup.offsets[-1]), bb.feature_dim)
+    head = federated.init_head(jax.random.fold_in(_seed_key(c.seed), 20_000), int(setup.offsets[-1]), bb.feature_dim,
+                               c.head_init)
     gram_shape = (lambda d: (T, d)) if c.alpha_backbone == 0 else (lambda d: (T, d, d))
     return federated.numpy_tree({
         "unit": np.array(0, np.int64),
@@ -525,7 +536,7 @@ def _check_workdir_config(workdir: str, config, write: bool = True) -> None:
     current = _config_json(config)
     if os.path.exists(path):
         with open(path) as f:
-            previous = json.load(f)
+            previous = config_lib.with_added_keys(json.load(f))  # recorded before a key existed: its default
         if previous != current:
             diff = _first_difference(previous, current)
             raise ValueError(f"{workdir} holds a run with a different config ({diff}); use a new --workdir or delete it")
@@ -738,11 +749,16 @@ class _FaultyMethod:
 
 
 def _write_partition_info(workdir: str, setup: Setup, digest: str) -> None:
-    info = {"partition_digest": digest,
+    info = {"partition_digest": digest, **_seeds(setup.config),
             "client_label_counts": [data_lib.client_label_counts(np.asarray(setup.dataset.y_train), parts,
                                                                   int(setup.offsets[-1])).tolist()
                                     for parts in setup.partitions]}
     _write_json(os.path.join(workdir, "partition.json"), info)
+
+
+def _seeds(c) -> dict:
+    """``seed`` (training randomness) and ``data_seed`` (subsample and partitions) as a run used them."""
+    return {"seed": int(c.seed), "data_seed": config_lib.data_seed(c)}
 
 
 def _data_split(name: str):
@@ -771,7 +787,7 @@ def utilization_summary(setup: Setup, metrics_path: str) -> dict:
 def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
     acc = np.asarray(state["acc"])
     sizes = np.asarray([len(t) for t in setup.task_test])
-    results = {"method": setup.method.name, **summarize(acc, sizes),
+    results = {"method": setup.method.name, **_seeds(setup.config), **summarize(acc, sizes),
                "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in acc],
                "num_tasks": setup.num_tasks, "classes_per_task": np.diff(setup.offsets).tolist(),
                "test_sizes": sizes.tolist(), "dataset": setup.dataset.name, "backbone": setup.backbone.name,
