@@ -86,15 +86,19 @@ def data_seed(c: ml_collections.ConfigDict) -> int:
 
 # Keys added after runs were recorded, each with the default that reproduces those runs. A workdir's config.json
 # written before a key existed is read as holding this default (see with_added_keys), so such runs stay resumable and
-# reusable. A new key belongs here only if its default changes nothing.
-ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma"}
+# reusable. A new key belongs here only if its default changes nothing. REMOVED_KEYS were throughput knobs that never
+# changed a result (client_chunk: clients per vmapped call, replaced by client_lanes); they are dropped on reading.
+ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma", "client_lanes": 0}
+REMOVED_KEYS = ("client_chunk",)
 
 
 def with_added_keys(recorded: dict) -> dict:
     """``recorded`` (a config as JSON, e.g. a workdir's config.json) with the :data:`ADDED_KEYS` it lacks set to their
-    defaults; a copy, nested dicts included."""
+    defaults and without the :data:`REMOVED_KEYS`; a copy, nested dicts included."""
     import copy
     out = copy.deepcopy(recorded)
+    for key in REMOVED_KEYS:
+        out.pop(key, None)
     for dotted, default in ADDED_KEYS.items():
         *parents, leaf = dotted.split(".")
         target = out

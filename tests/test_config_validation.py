@@ -83,7 +83,7 @@ STATIC_CASES = [
     ("alpha_head", math.nan, "[0, 1]"),
     ("gram_network", "mean", "filler"),
     ("gram_batch_size", -1, ">= 0"),
-    ("client_chunk", -1, ">= 0"),
+    ("client_lanes", -1, ">= 0"),
     ("seed", -1, ">= 0"),
     ("merge_dtype", "float16", "float32"),
 ]

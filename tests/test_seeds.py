@@ -74,7 +74,8 @@ def test_default_data_seed_is_the_training_seed_as_before():
 def test_recorded_configs_from_before_the_new_keys_are_still_accepted(tmp_path):
     config = tiny_config()
     recorded = json.loads(config.to_json_best_effort())
-    del recorded["data"]["seed"], recorded["head_init"]
+    del recorded["data"]["seed"], recorded["head_init"], recorded["client_lanes"]
+    recorded["client_chunk"] = 0  # recorded by the engine before lanes
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     continual._check_workdir_config(str(tmp_path), config, write=False)  # the defaults reproduce the old run
     with pytest.raises(ValueError, match=r"config\.data\.seed: -1 before, 3 now"):
@@ -82,7 +83,7 @@ def test_recorded_configs_from_before_the_new_keys_are_still_accepted(tmp_path):
     with pytest.raises(ValueError, match=r"config\.head_init: 'trunc_2sigma' before, 'reference' now"):
         continual._check_workdir_config(str(tmp_path), tiny_config(head_init="reference"), write=False)
     assert config_lib.with_added_keys(recorded) == json.loads(config.to_json_best_effort())
-    assert "seed" not in recorded["data"]  # not mutated
+    assert "seed" not in recorded["data"] and "client_chunk" in recorded  # not mutated
 
 
 # ----------------------------------------------------------------------------------------------------------------------
