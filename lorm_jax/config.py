@@ -61,13 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.alpha_backbone = 0.0            # Gram shrinkage α for LoRA layers (0 = diagonal only, the paper setting)
     c.alpha_head = 0.5                # … for the head (reference 0.5; 0.3 on CUB-200)
     c.gram_passes = 1                 # data passes for Gram statistics (reference regmean_rounds)
-    c.gram_batch_size = 0             # 0 = batch_size; examples per packed batch of the Gram pass (and the batch that
-                                      # numbers each client's Gram stream, hence its augmentation keys)
+    c.gram_batch_size = 0             # 0 = batch_size; most examples per packed batch of the Gram pass (batches are
+                                      # equally full), and the batch that numbers each client's Gram stream (hence
+                                      # its augmentation keys)
     c.gram_network = "filler"         # filler (reference quirk Q2) | trained (the clean variant W0 + B_t A_t)
     c.gram_augment = True             # Grams over train-augmented inputs, as the reference (Q7)
 
     c.eval_every_round = False        # also evaluate (filler model, Q8) after every round
-    c.eval_batch_size = 128
+    c.eval_batch_size = 128           # most examples per packed batch of the evaluation pass
     c.client_lanes = 0                # vmapped lanes of local training, clients run back to back in each (0 = auto:
                                       # one per device on CPU, ~ΣS/S_max on accelerators, capped by the memory plan;
                                       # else a multiple of the mesh size); results do not depend on it

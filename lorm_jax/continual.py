@@ -299,15 +299,17 @@ def _plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, t
     # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
     # d×d matrix per example); diagonal Grams: one example per block, no padding at all.
     block = 1 if backbone_gram == "diag" else max(1, -(-64 // _tokens_per_example(backbone, c.data.max_len)))
-    per_batch = max(1, gram_bs // block)
 
-    def packed(groups, stream_batch, passes, block, per_batch):
-        """One layout per group, all with the buffer length of the largest (one compiled shape)."""
-        layout = functools.partial(data_lib.packed_schedule, block=block, blocks_per_batch=per_batch, shards=devices)
-        cap = max(layout(g, stream_batch, passes)["num_batches"] for g in groups)
-        return [layout(g, stream_batch, passes, num_batches=cap) for g in groups]
+    def packed(groups, stream_batch, passes, block, max_examples):
+        """One layout per group (list of index arrays), all with the largest group's shape (one compiled program):
+        batches of at most ``max_examples`` examples, as few as the largest group needs and equally full."""
+        blocks = max(-(-sum(-(-len(ix) * passes // block) for ix in g) // devices) for g in groups)
+        num_batches = max(1, -(-blocks // max(1, max_examples // block)))
+        per_batch = max(1, -(-blocks // num_batches))
+        return [data_lib.packed_schedule(g, stream_batch, passes, block=block, blocks_per_batch=per_batch,
+                                         shards=devices, num_batches=num_batches) for g in groups]
 
-    gram_packed = packed(partitions, gram_bs, c.gram_passes, block, per_batch)
+    gram_packed = packed(partitions, gram_bs, c.gram_passes, block, gram_bs)
     eval_packed = packed([task_test[:t + 1] for t in range(len(task_test))], c.eval_batch_size, 1, 1,
                          c.eval_batch_size)
     schedule = Schedule(lanes=lanes, steps=steps, members=members, num_steps=max(num_steps, 1), num_slots=num_slots,
