@@ -1,14 +1,14 @@
-"""The device mesh: the client axis sharded over devices (and over hosts), everything shared replicated.
+"""The device mesh: client work sharded over devices (and over hosts), everything shared replicated.
 
 One code path for 1 device and for N (on one host or many): the client programs of :mod:`lorm_jax.federated` are
-``shard_map``-ed over the mesh axis ``clients``, so device i runs ``vmap`` over its own ``K / N`` clients with no
-communication at all; the frozen backbone, the task data and the server state are replicated. The server merge then
-runs under ``jit`` on client-sharded inputs and GSPMD turns every client sum ``Σ_k`` (``Σ A_k G_k``, ``Σ G_k``, …)
-into a local sum plus an all-reduce over ``clients``.
+``shard_map``-ed over the mesh axis ``clients``, so device i runs its own training lanes and its own share of the
+packed Gram / evaluation batches with no communication; the frozen backbone, the task data and the server state are
+replicated. Gram sums are ``psum``-ed over ``clients``; a jitted server merge given client-sharded inputs turns every
+client sum ``Σ_k`` (``Σ A_k G_k``, ``Σ G_k``, …) into a local sum plus an all-reduce (GSPMD).
 
 Shapes::
 
-    per-client leaf   [K, ...]   NamedSharding(mesh, P("clients"))   K a multiple of the mesh size (see pad_clients)
+    sharded leaf      [N·m, ...] NamedSharding(mesh, P("clients"))   leading axis a multiple of the mesh size N
     shared leaf       [...]      NamedSharding(mesh, P())            replicated on every device
 
 Multi-host: the mesh spans ``jax.devices()`` (all processes, see :mod:`lorm_jax.distributed`). Host arrays become
@@ -54,29 +54,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def padded_size(num: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= ``num`` (>= ``multiple``)."""
-    return max(1, -(-num // multiple)) * multiple
-
-
-def pad_clients(tree, size: int):
-    """Pad the leading client axis of every leaf with zeros to ``size``.
-
-    A zero-padded client is a no-op client for the federated programs: its step masks are all False, so it never
-    updates anything and its Gram sums and sample count are 0. Callers trim the outputs back to the real clients.
-    """
-    def pad(x):
-        extra = size - x.shape[0]
-        if extra < 0:
-            raise ValueError(f"cannot pad a client axis of {x.shape[0]} down to {size}")
-        if extra == 0:
-            return x
-        if isinstance(x, np.ndarray):
-            return np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
-        return jax.numpy.concatenate([x, jax.numpy.zeros((extra,) + x.shape[1:], x.dtype)])
-    return jax.tree.map(pad, tree)
-
-
 def _on(x, sharding: NamedSharding) -> bool:
     return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
 
@@ -91,12 +68,13 @@ def _put(x, sharding: NamedSharding):
 
 
 def put_clients(tree, mesh: Mesh):
-    """Place a client-stacked pytree (leading axis a multiple of the mesh size) sharded over ``clients``."""
+    """Place a pytree whose leading axis (lanes, packed-batch shards) is a multiple of the mesh size sharded over
+    ``clients``."""
     n = mesh_size(mesh)
     bad = [x.shape for x in jax.tree.leaves(tree) if x.shape[0] % n]
     if bad:
-        raise ValueError(f"client axis of shapes {bad} is not a multiple of the {n} devices of the mesh; "
-                         f"pad it first (sharding.pad_clients)")
+        raise ValueError(f"leading axis of shapes {bad} is not a multiple of the {n} devices of the mesh; "
+                         f"lay it out for the mesh first (lanes and packed batches are)")
     return jax.tree.map(lambda x: _put(x, client_sharding(mesh)), tree)
 
 

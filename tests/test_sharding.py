@@ -44,7 +44,6 @@ def test_mesh_errors_name_the_key():
     assert sharding.mesh_size(sharding.make_mesh(0)) == jax.device_count()
     with pytest.raises(ValueError, match="mesh_clients"):
         sharding.make_mesh(jax.device_count() + 1)
-    assert sharding.padded_size(5, 4) == 8 and sharding.padded_size(0, 4) == 4
     with pytest.raises(ValueError, match="config.client_lanes = 3 is invalid: a multiple of the 2 devices"):
         federated.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=3)
     assert federated.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=4) == 4
