@@ -269,6 +269,14 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
                  fns=fns, method=methods.Compiled(methods.get(c.method, c)))
 
 
+def with_partitions(setup: Setup, partitions: list) -> Setup:
+    """The setup with other client partitions (e.g. a client emptied), its schedule replanned for them: the lanes and
+    packed passes are laid out from the partitions, so replacing ``partitions`` alone would leave them stale."""
+    schedule = _plan_schedule(setup.config, setup.backbone, setup.fns.mesh, partitions, setup.task_test,
+                              int(setup.offsets[-1]), setup.train, setup.test)
+    return dataclasses.replace(setup, partitions=partitions, schedule=schedule)
+
+
 def _tokens_per_example(backbone, max_len: int) -> int:
     """Rows one example contributes to every layer's Gram: the ViT's tokens (patches + CLS) or the text length."""
     if backbone.kind == "text":
@@ -458,6 +466,10 @@ def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, s
     """Per-client Grams of every LoRA layer and of the head (one packed pass over the task's clients); clients not in
     ``include`` contribute zeros."""
     keys = client_keys(setup.config.seed, task, rnd, np.arange(setup.config.num_clients), GRAM_STREAM)
+    if setup.schedule.gram_packed[task]["real_examples"] != sum(map(len, setup.partitions[task])) * \
+            setup.config.gram_passes:
+        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
+                         "continual.with_partitions(setup, partitions) to replan the packed passes")
     grams = federated.client_grams(setup.fns, gram_params, setup.train, client_lora, setup.schedule.gram_packed[task],
                                    keys, scale)
     return _zero_clients(grams, include)

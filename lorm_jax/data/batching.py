@@ -140,7 +140,8 @@ def lane_schedule(client_idx: Sequence[np.ndarray], client_mask: Sequence[np.nda
                 raise ValueError(f"lane {p} needs more than num_steps = {num_steps} steps")
             idx[p, t:t + n], mask[p, t:t + n] = client_idx[k], client_mask[k]
             client[p, t:t + n], step[p, t:t + n], slot[p, t:t + n] = k, np.arange(n), m
-            first[p, t] = n > 0
+            if n:
+                first[p, t] = True
             lane_of[k], slot_of[k] = p, m
             t += n
         longest = max(longest, t)
