@@ -64,6 +64,9 @@ def test_lane_schedule_lays_clients_back_to_back():
     assert np.all(lay["slot"][~lay["mask"].any(-1)] == 3)  # past a lane's end: the scratch slot
     with pytest.raises(ValueError, match="num_steps"):
         batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 1, 2, 3]], num_steps=7, num_slots=5)
+    # A lane filled to the last step and then an empty client (strong skew): no step of its own, nothing past the end.
+    full = batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 2, 3, 1]], num_steps=9, num_slots=5)
+    assert full["first"][0].sum() == 3 and full["slot_of"][1] == 3
 
 
 @pytest.mark.parametrize("block,shards", [(1, 1), (3, 1), (2, 2)])
