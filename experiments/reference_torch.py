@@ -23,8 +23,9 @@ Aᵀ)``; the result goes back to float32. The head weight is ``(Σ W_i G_i) inve
 sample-weighted mean.
 
 Not modelled, each of which makes this model *faster* than the reference (so a speed-up measured against it is a
-lower bound): the CPU data loader (PIL decoding and ``Resize(224)`` in worker processes), per-round evaluation,
-logging (tqdm, wandb), checkpoints. ``torch.set_float32_matmul_precision("medium")`` as the reference sets it.
+lower bound): the CPU data loader (PIL decoding and ``Resize(224)`` in worker processes), moving the client's model
+state to the host after its Gram pass and the full state-dict copy it uploads, per-round evaluation, logging (tqdm,
+wandb), checkpoints. ``torch.set_float32_matmul_precision("medium")`` as the reference sets it.
 
 The network is a pre-LN ViT with a CLS token and fused qkv (the layout of timm's ``vit_base_patch16_224``, whose
 attention also uses ``scaled_dot_product_attention``), randomly initialised: weights do not change the timing.
