@@ -24,12 +24,19 @@ rows (positive definite) of ``X = Z diag(s) + F C + μ_k`` — log-normal per-fe
 low-dimensional component (``d/8`` latent factors with a 1/j spectrum carrying ~70 % of the variance, so features are
 correlated and Jacobi scaling alone does not make the Gram well conditioned), a mean shared by the clients plus a
 client shift (non-IID clients). Diagonal Grams are the diagonals of the same Grams. The two extra columns diagnose our
-full-Gram solve: how many layers take the eigendecomposition fallback of :func:`lorm_jax.merging.solve_gram` (smallest
-Cholesky pivot² of the Jacobi-scaled summed Gram below ``merging.SINGULAR_PIVOT``), and that smallest pivot².
+full-Gram solve (from :func:`lorm_jax.merging.gram_health`): how many layers take the eigendecomposition fallback of
+:func:`lorm_jax.merging.solve_gram`, and the smallest Cholesky pivot² of the Jacobi-scaled summed Grams.
+
+**Merges under vmap** (``--vmap``, :func:`run_vmap_benchmark`): the primitive applied the way the API invites,
+``jax.jit(jax.vmap(merging.merge_lora_A))`` over each stack of same-shape layers, against one jitted
+``merge_lora_tree`` call on the same layers (full Grams, A-factor), interleaved in one process. Stacking the inputs is
+not timed (a caller that vmaps holds stacks). Default layer set: the first 6 blocks of ViT-S/14 (18 layers with
+d_in = 384, 6 with d_in = 1536), K = 10, r = 8.
 
 Usage::
 
     python experiments/bench_merge.py [--quick] [--json OUT] [--x64]
+    python experiments/bench_merge.py --vmap [--json OUT]
 
 ``--quick`` (CI): ViT-S/14, r = 8, A-factor, full and diagonal Grams, all 48 layers. ``--x64`` runs our merge with
 ``dtype=float64`` (``jax_enable_x64``). Importable: :func:`run_benchmark` returns the rows, :func:`main` is the CLI.
@@ -174,34 +181,24 @@ def baseline_merge(client_lora: Mapping, grams: Mapping, factor: str) -> dict[st
 # ----------------------------------------------------------------------------------------------------------------------
 # Diagnostics of our full-Gram solve (not timed): does the Cholesky fast path hold, or does eigh take over?
 
-@jax.jit
-def _min_scaled_pivot(g: jax.Array) -> jax.Array:
-    """Smallest Cholesky pivot² of the Jacobi-scaled (unit-diagonal) symmetric PSD matrix g, 0 if it fails."""
-    diag = jnp.diagonal(g)
-    live = diag > 0
-    inv_sqrt = jnp.where(live, jax.lax.rsqrt(jnp.where(live, diag, 1)), 0)
-    scaled = jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :])
-    pivot = jnp.min(jnp.diagonal(jnp.linalg.cholesky(scaled))) ** 2
-    return jnp.where(jnp.isfinite(pivot), pivot, 0.0)
+_health = jax.jit(merging.gram_health, static_argnames="dtype")
 
 
 def _solve_diagnostics(client_lora: Mapping, grams: Mapping, factor: str, dtype) -> tuple[int | None, float | None]:
     """(layers whose summed system falls back to eigh, smallest pivot²) for full Grams; (None, None) for diagonal."""
     if any(g.ndim == 2 for g in grams.values()):
         return None, None
-    threshold = getattr(merging, "SINGULAR_PIVOT", {}).get(jnp.dtype(dtype))
     hp = jax.lax.Precision.HIGHEST
-    pivots = []
+    health = []
     for path, f in client_lora.items():
         g = grams[path].astype(dtype)
         if factor == "A":
-            system = g.sum(0)
+            system = merging.client_sum(g)
         else:
             a = f["A"][0].astype(dtype)
             system = jnp.einsum("rd,kde,se->rs", a, g, a, precision=hp)
-        pivots.append(float(_min_scaled_pivot(system)))
-    fallbacks = None if threshold is None else sum(p <= threshold for p in pivots)
-    return fallbacks, min(pivots)
+        health.append(_health(system, dtype=jnp.dtype(dtype)))
+    return sum(int(h["pinv"]) for h in health), min(float(h["min_pivot"]) for h in health)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,6 +358,86 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Merges under vmap: jit(vmap(merge_lora_A)) per stack of same-shape layers vs one merge_lora_tree call.
+
+VMAP_SHAPES = vit_layer_shapes(6, 384, 1536)  # 24 layers: 18 with d_in = 384, 6 with d_in = 1536
+
+
+def _stacked_tree_a(client_lora: Mapping, grams: Mapping) -> dict:
+    """``merge_lora_tree(..., "A")`` with same-shape full-Gram layers stacked and vmapped (``map_layers`` default)
+    instead of merged one by one: the alternative measured against it."""
+    def fn(f, g):
+        return {"A": merging.merge_lora_A(f["A"], g), "B": f["B"][0]}
+    return merging.map_layers(fn, client_lora, grams, sequential=False)
+
+
+def run_vmap_benchmark(shapes: LayerShapes = VMAP_SHAPES, n_clients: int = N_CLIENTS, rank: int = 8, *,
+                       repeats: int = 3, seed: int = 0, log: Callable[[str], None] | None = print) -> dict:
+    """Time ``jax.jit(jax.vmap(merging.merge_lora_A))`` on every stack of layers with the same ``d_in`` against one
+    jitted ``merge_lora_tree(..., "A")`` call on the same layers (full Grams), and that tree merge with same-shape
+    layers stacked and vmapped; ``repeats`` interleaved rounds, median per program. Returns the totals, per-stack
+    rows, the ratio vmapped / tree and the largest difference of the merged factors relative to the layer's largest
+    entry (vmapped and stacked vs tree)."""
+    log = log or (lambda s: None)
+    grams = make_grams(shapes, n_clients, "full", seed=seed)
+    lora = make_client_lora(shapes, n_clients, rank, "A", seed=seed)
+    by_d = {}
+    for path, (_, d_in) in shapes.items():
+        by_d.setdefault(d_in, []).append(path)
+    stacks = {d: (jnp.stack([lora[p]["A"] for p in paths]), jnp.stack([grams[p] for p in paths]))
+              for d, paths in by_d.items()}
+    jax.block_until_ready((grams, lora, stacks))
+    tree_c = _timed(lambda: jax.jit(lambda cl, g: merging.merge_lora_tree(cl, g, "A")).lower(lora, grams).compile())
+    stacked_c = _timed(lambda: jax.jit(_stacked_tree_a).lower(lora, grams).compile())
+    vmapped = jax.jit(jax.vmap(merging.merge_lora_A))
+    vm_c = {d: _timed(lambda st=st: vmapped.lower(*st).compile()) for d, st in stacks.items()}
+    call = lambda c, *args: _timed(lambda: jax.block_until_ready(c(*args)))
+    tree_first, tree_out = call(tree_c[1], lora, grams)
+    stacked_first, stacked_out = call(stacked_c[1], lora, grams)
+    vm_first = {d: call(vm_c[d][1], *stacks[d]) for d in stacks}
+    tree_t, stacked_t, vm_t = [], [], {d: [] for d in stacks}
+    for _ in range(max(1, int(repeats))):
+        tree_t.append(call(tree_c[1], lora, grams)[0])
+        stacked_t.append(call(stacked_c[1], lora, grams)[0])
+        for d in stacks:
+            vm_t[d].append(call(vm_c[d][1], *stacks[d])[0])
+    worst = 0.0
+    for d, paths in by_d.items():
+        out = np.asarray(vm_first[d][1], np.float64)
+        for i, p in enumerate(paths):
+            ref = np.asarray(tree_out[p]["A"], np.float64)
+            scale = max(np.max(np.abs(ref)), 1e-30)
+            worst = max(worst, float(np.max(np.abs(out[i] - ref)) / scale),
+                        float(np.max(np.abs(np.asarray(stacked_out[p]["A"], np.float64) - ref)) / scale))
+    groups = [{"d_in": d, "layers": len(paths), "compile_s": vm_c[d][0], "first_call_s": vm_first[d][0],
+               "ms": 1e3 * statistics.median(vm_t[d])} for d, paths in by_d.items()]
+    vmap_ms, tree_ms = sum(g["ms"] for g in groups), 1e3 * statistics.median(tree_t)
+    result = {"layers": len(shapes), "K": n_clients, "r": rank, "repeats": len(tree_t), "groups": groups,
+              "vmap_ms": vmap_ms, "tree_ms": tree_ms, "tree_compile_s": tree_c[0], "tree_first_call_s": tree_first,
+              "stacked_tree_ms": 1e3 * statistics.median(stacked_t), "stacked_tree_compile_s": stacked_c[0],
+              "stacked_tree_first_call_s": stacked_first, "ratio": vmap_ms / tree_ms,
+              "within_2x": vmap_ms <= 2 * tree_ms, "max_rel_diff": worst}
+    log(format_vmap(result))
+    return result
+
+
+def format_vmap(result: Mapping) -> str:
+    lines = ["| program | layers | compile s | first call s | ms (median) |", "|---|---:|---:|---:|---:|"]
+    for g in result["groups"]:
+        lines.append(f"| jit(vmap(merge_lora_A)), d_in = {g['d_in']} | {g['layers']} | {g['compile_s']:.2f} | "
+                     f"{g['first_call_s']:.2f} | {g['ms']:.1f} |")
+    lines.append(f"| **sum of the vmapped stacks** | {result['layers']} | | | **{result['vmap_ms']:.1f}** |")
+    lines.append(f"| jit(merge_lora_tree) | {result['layers']} | {result['tree_compile_s']:.2f} | "
+                 f"{result['tree_first_call_s']:.2f} | **{result['tree_ms']:.1f}** |")
+    lines.append(f"| jit(merge_lora_tree), same-shape layers stacked + vmapped | {result['layers']} | "
+                 f"{result['stacked_tree_compile_s']:.2f} | {result['stacked_tree_first_call_s']:.2f} | "
+                 f"{result['stacked_tree_ms']:.1f} |")
+    lines.append(f"\nvmapped / tree = {result['ratio']:.2f} (target <= 2: {'met' if result['within_2x'] else 'NOT met'}); "
+                 f"max |other - tree| / max |tree| = {result['max_rel_diff']:.1e}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Reporting.
 
 _HEADER = ("model", "factor", "gram", "r", "K", "layers", "compile s", "ours ms", "baseline ms", "speed-up",
@@ -424,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--call-timeout", type=float, default=900.0,
                    help="seconds one call of our merge may take before it is declared hung (<= 0: wait forever)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vmap", action="store_true",
+                   help="only the 'merges under vmap' section: jit(vmap(merge_lora_A)) per layer stack vs merge_lora_tree")
     return p
 
 
@@ -440,6 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_merge {started.isoformat(timespec='seconds')} | {command}")
     print(f"# {info['processor']}, {info['cpu_count']} cores, jax {info['jax']}, numpy {info['numpy']}, "
           f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
+    if args.vmap:
+        result = run_vmap_benchmark(VMAP_SHAPES, args.clients, repeats=args.repeats, seed=args.seed)
+        elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
+        print(f"# total {elapsed:.0f} s")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"date": started.isoformat(timespec="seconds"), "command": command, "machine": info,
+                           "total_s": elapsed, "vmap": result}, fh, indent=2)
+        return 0
     budget = args.baseline_budget if args.baseline_budget > 0 else None
     rows = run_benchmark(cfg["models"], cfg["factors"], cfg["grams"], cfg["ranks"], args.clients, repeats=args.repeats,
                          baseline_budget_s=budget, call_timeout_s=args.call_timeout if args.call_timeout > 0 else None,

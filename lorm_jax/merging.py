@@ -14,9 +14,31 @@ All three are one operation, ``solve_gram(E, G) = E G^+`` for a symmetric PSD ``
 
 * diagonal ``G = diag(g)``: ``E[:, j] / g[j]`` (0 where ``g[j] = 0``), O(d), never a d×d matrix;
 * full ``G``: features with a zero diagonal are dropped (they are exactly the zero columns, which ``^+`` maps to 0),
-  the rest is Jacobi-scaled to a unit diagonal and solved by Cholesky with one step of iterative refinement; when the
-  Cholesky factor shows the matrix is (numerically) singular, an eigendecomposition pseudo-inverse of the unscaled
-  matrix is used instead, so rank-deficient Grams give the minimum-norm (``pinv``) solution and never inf/NaN.
+  the rest is Jacobi-scaled to a unit diagonal ``Ĝ = D^{-1/2} G D^{-1/2}`` and solved by Cholesky with one step of
+  iterative refinement (the *fast path*). When ``λ̂_min``, the smaller of the smallest squared Cholesky pivot and a
+  3-step inverse-iteration estimate of ``λ_min(Ĝ)`` (both bound it from above), is at most ``SINGULAR_PIVOT`` (1e-5
+  in float32), or the result is not finite, an eigendecomposition pseudo-inverse of the unscaled matrix (eigenvalues
+  below ``PINV_RCOND · max`` dropped) answers instead, so rank-deficient Grams give the minimum-norm (``pinv``)
+  solution and never inf/NaN. (The pivots alone miss singular matrices: rank deficiency from too few samples can leave
+  every squared pivot above 1e-5 in float32, and the fast path then returns a solution far from the minimum-norm one.)
+
+  Accuracy bound: Cholesky is backward stable, so the fast path's relative error is ≲ ``c · cond(Ĝ) · u`` (u = 6e-8 in
+  float32). It is taken only when ``λ̂_min > 1e-5`` and ``λ̂_min`` is within a small factor of ``λ_min`` (unless the
+  fixed start vector is nearly orthogonal to the smallest eigenvector), so the error is ≲ ``c · u · λ_max(Ĝ) / 1e-5
+  = c · 6e-3 · λ_max(Ĝ)`` with ``λ_max(Ĝ) ∈ [1, d]`` (≈ 1 + (d − 1) × the mean feature correlation): a guarantee only
+  for weakly correlated features. Gram matrices of activations do much better than this worst case: the measured
+  error against a float64 ``pinv`` on activation-like ViT Grams (48 layers, d up to 1536) is
+  ~1e-5 (docs/BENCHMARKS.md). The pseudo-inverse path inverts the kept eigenvalues exactly, error ≲ ``c · u ·
+  λ_max / λ_kept``, and sets the dropped directions to 0 as ``pinv`` does.
+
+**Cost under vmap.** The fallback is a real branch both unbatched and under ``jax.vmap`` (a plain ``lax.cond`` would
+become a select under vmap and evaluate eigh for every layer): :func:`solve_gram`'s full path is a
+:func:`jax.custom_batching.custom_vmap` whose batching rule hands the whole stack of L systems (nested vmaps flattened)
+to one solver. On GPU/TPU it runs one batched Cholesky, and only if some layer failed the test a ``lax.map`` over the
+layers in which each failed one takes the eigh branch (``lax.cond`` on a per-layer scalar stays a conditional). On
+CPU it loops over the layers with the per-layer ``lax.cond`` (:func:`_solve_stack_looped` says why). Either way
+healthy Grams cost one Cholesky and a few triangular solves per layer and never evaluate eigh, and batched and
+unbatched calls take the same branch per layer, differing only by float rounding.
 
 Everything is ``jit``/``vmap`` compatible and returns float32. With ``jax_enable_x64`` on, ``dtype=jnp.float64``
 computes in double precision (TPUs have no float64; the float32 path is the accurate default).
@@ -28,12 +50,19 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# A Cholesky pivot (on the unit-diagonal, Jacobi-scaled matrix) below this means the matrix is too ill-conditioned for
-# the fast path: cond(G_scaled) >~ 1 / SINGULAR_PIVOT. The eigh pseudo-inverse takes over.
+# λ̂_min of the unit-diagonal, Jacobi-scaled matrix (smallest Cholesky pivot² or inverse-iteration estimate, whichever
+# is smaller) at or below this means the matrix is too ill-conditioned for the fast path: the eigh pseudo-inverse takes
+# over. cond(Ĝ) <= d / λ_min(Ĝ), since λ_max(Ĝ) <= trace = d.
 SINGULAR_PIVOT = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-12}
+# Inverse-iteration steps behind λ̂_min: the start vector's weight on the smallest eigenvector is multiplied by
+# (λ_2 / λ_min) per step, so 3 steps resolve a singular or badly conditioned direction from a ~1/√d start.
+INVERSE_ITERATIONS = 3
+# On CPU a stack of at most this many systems (under vmap) is solved unrolled, longer ones in a lax.map loop.
+CPU_UNROLL = 64
 # Relative eigenvalue cut-off of the pseudo-inverse fallback (numpy/torch pinv use max(M,N)·eps; float64 torch 1e-15).
 PINV_RCOND = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): 1e-13}
 
@@ -85,15 +114,34 @@ def _pinv_solve(e: jax.Array, g: jax.Array) -> jax.Array:
     return _mm(_mm(e, v) * inv_w, v.T)
 
 
+def _conditioning(chol: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(smallest pivot², λ̂_min)`` of ``Ĝ = L Lᵀ`` from its Cholesky factor L [d, d]; 0 where not finite.
+
+    ``λ̂_min = min(pivot², 1/‖Ĝ^{-1} u_i‖)`` over ``INVERSE_ITERATIONS`` steps of inverse iteration from a fixed
+    pseudo-random unit vector (2 triangular solves each, O(d²)). Both terms bound ``λ_min(Ĝ)`` from above; the pivots
+    alone can miss a singular matrix by orders of magnitude (rank deficiency from too few samples leaves every pivot²
+    ~1e-6 while ``λ_min ≈ 0``), inverse iteration closes in on ``λ_min`` geometrically.
+    """
+    pivot = jnp.min(jnp.diagonal(chol)) ** 2
+    probe = np.random.default_rng(0).standard_normal(chol.shape[0])
+    u = jnp.asarray(probe / np.linalg.norm(probe), chol.dtype)
+    lam = pivot
+    for _ in range(INVERSE_ITERATIONS):
+        y = jax.scipy.linalg.cho_solve((chol, True), u)
+        norm = jnp.linalg.norm(y)
+        lam, u = jnp.minimum(lam, 1 / norm), y / norm
+    finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+    return finite(pivot), finite(lam)
+
+
 def _cholesky_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``E G^{-1}`` for a positive-definite G with unit diagonal; also returns the smallest Cholesky pivot²."""
+    """``E G^{-1}`` for a positive-definite G with unit diagonal; also returns ``λ̂_min`` (:func:`_conditioning`)."""
     # potrf reads one triangle only; skipping the default (G + Gᵀ)/2 pass saves ~30 % of the time at d = 1536.
     chol = jnp.linalg.cholesky(g, symmetrize_input=False)
     solve = lambda rhs: jax.scipy.linalg.cho_solve((chol, True), rhs.T).T  # X G = R  <=>  G Xᵀ = Rᵀ
     x = solve(e)
     x = x + solve(e - _mm(x, g))  # one step of iterative refinement
-    pivot = jnp.min(jnp.diagonal(chol)) ** 2
-    return x, jnp.where(jnp.isfinite(pivot), pivot, 0.0)
+    return x, _conditioning(chol)[1]
 
 
 def _jacobi_scale(g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -107,13 +155,71 @@ def _jacobi_scale(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(jnp.eye(g.shape[0], dtype=bool), 1, g * inv_sqrt[:, None] * inv_sqrt[None, :]), inv_sqrt
 
 
+def _fast_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Cholesky fast path of ``E G^+`` (module docstring) and whether it holds: ``(X [m, d], ok [])``."""
+    g_scaled, inv_sqrt = _jacobi_scale(g)
+    x_scaled, lam = _cholesky_solve(e * inv_sqrt, g_scaled)
+    fast = x_scaled * inv_sqrt
+    return fast, (lam > SINGULAR_PIVOT[g.dtype]) & jnp.all(jnp.isfinite(fast))
+
+
+def _solve_one(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E G^+`` for one system: the fast path, or the eigh pseudo-inverse when its test fails (a real branch)."""
+    fast, ok = _fast_solve(e, g)
+    return jax.lax.cond(ok, lambda: fast, lambda: _pinv_solve(e, g))
+
+
+def _solve_stack_looped(e: jax.Array, g: jax.Array) -> jax.Array:
+    """The stack one system at a time: the CPU path. Up to ``CPU_UNROLL`` systems are unrolled (independent ops XLA
+    may overlap, as for layers merged one by one), longer stacks run under ``lax.map``.
+
+    jaxlib's batched CPU LAPACK kernels split their batch over XLA's intra-op thread pool and block a pool thread
+    until the pieces finish; two of them running at once (independent layer groups of one program) can take every
+    thread of a small pool and deadlock (seen with 2 threads on the 2-core machine). Unbatched calls never wait on the
+    pool, and a CPU gains nothing from batching d×d factorisations anyway.
+    """
+    if e.shape[0] <= CPU_UNROLL:
+        return jnp.stack([_solve_one(e[i], g[i]) for i in range(e.shape[0])])
+    return jax.lax.map(lambda args: _solve_one(*args), (e, g))
+
+
+def _solve_stack_batched(e: jax.Array, g: jax.Array) -> jax.Array:
+    """The stack as one batched fast path (GPU/TPU); the eigh pseudo-inverse runs only when some layer needs it, and
+    then only for those layers (per-layer ``lax.cond`` inside ``lax.map``)."""
+    fast, ok = jax.vmap(_fast_solve)(e, g)
+
+    def repair():
+        def layer(args):
+            e_l, g_l, fast_l, ok_l = args
+            return jax.lax.cond(ok_l, lambda: fast_l, lambda: _pinv_solve(e_l, g_l))
+        return jax.lax.map(layer, (e, g, fast, ok))
+
+    return jax.lax.cond(jnp.all(ok), lambda: fast, repair)
+
+
+@jax.custom_batching.custom_vmap
+def _solve_stack(e: jax.Array, g: jax.Array) -> jax.Array:
+    """``E_l G_l^+`` for a stack of L systems: e [L, m, d], g [L, d, d] → [L, m, d].
+
+    Being a ``custom_vmap``, a vmap over this function folds its axis into L instead of turning the fallback's
+    conditionals into selects (which would evaluate eigh for every layer).
+    """
+    if e.shape[0] == 1:
+        return _solve_one(e[0], g[0])[None]
+    return jax.lax.platform_dependent(e, g, cpu=_solve_stack_looped, default=_solve_stack_batched)
+
+
+@_solve_stack.def_vmap
+def _solve_stack_vmap(axis_size: int, in_batched, e: jax.Array, g: jax.Array):
+    """vmap of :func:`_solve_stack`: stacks [N, L, ...] are solved as one stack of N·L systems."""
+    e, g = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, batched in zip((e, g), in_batched))
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    return _solve_stack(flat(e), flat(g)).reshape(e.shape), True
+
+
 def _full_solve(e: jax.Array, g: jax.Array) -> jax.Array:
     """``E G^+`` for a symmetric PSD ``G`` [d, d] and ``E`` [m, d] (see the module docstring)."""
-    g_scaled, inv_sqrt = _jacobi_scale(g)
-    x_scaled, pivot = _cholesky_solve(e * inv_sqrt, g_scaled)
-    fast = x_scaled * inv_sqrt
-    ok = (pivot > SINGULAR_PIVOT[g.dtype]) & jnp.all(jnp.isfinite(fast))
-    return jax.lax.cond(ok, lambda: fast, lambda: _pinv_solve(e, g))
+    return _solve_stack(e[None], g[None])[0]
 
 
 def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
@@ -127,23 +233,25 @@ def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
 def gram_health(gram: jax.Array, *, dtype=None) -> dict:
     """How :func:`solve_gram` sees a summed Gram ``G`` (full [d, d] or diagonal [d]), as float32 scalars.
 
-    * ``min_pivot``: smallest squared Cholesky pivot of the Jacobi-scaled live block ``D^{-1/2} G D^{-1/2}`` (unit
-      diagonal): 1 when the live features are orthogonal, ``~1/cond`` when ill-conditioned, 0 when singular. Always 1
-      for a diagonal Gram (its solve is an exact division).
-    * ``pinv``: 1 when the eigh pseudo-inverse fallback is taken (``min_pivot <= SINGULAR_PIVOT``), else 0.
+    * ``min_pivot``: smallest squared Cholesky pivot of the Jacobi-scaled live block ``Ĝ = D^{-1/2} G D^{-1/2}`` (unit
+      diagonal): 1 when the live features are orthogonal, small when ill-conditioned, 0 when Cholesky fails.
+    * ``min_eig``: ``λ̂_min(Ĝ)``, the smaller of ``min_pivot`` and an inverse-iteration estimate of ``λ_min(Ĝ)``
+      (an upper bound on it; ~1/cond(Ĝ) up to ``λ_max(Ĝ) ∈ [1, d]``).
+    * ``pinv``: 1 when the eigh pseudo-inverse fallback is taken (``min_eig <= SINGULAR_PIVOT``), else 0.
     * ``dead``: features with a zero diagonal (no input energy; their merged columns are 0).
+
+    A diagonal Gram has ``min_pivot = min_eig = 1`` (its solve is an exact division).
     """
     dtype = _compute_dtype(dtype)
     gram = gram.astype(dtype)
     diag = gram if gram.ndim == 1 else jnp.diagonal(gram)
     dead = jnp.sum(diag <= 0).astype(jnp.float32)
     if gram.ndim == 1:
-        return {"min_pivot": jnp.float32(1.0), "pinv": jnp.float32(0.0), "dead": dead}
+        return {"min_pivot": jnp.float32(1.0), "min_eig": jnp.float32(1.0), "pinv": jnp.float32(0.0), "dead": dead}
     g_scaled, _ = _jacobi_scale(gram)
-    pivot = jnp.min(jnp.diagonal(jnp.linalg.cholesky(g_scaled, symmetrize_input=False))) ** 2
-    pivot = jnp.where(jnp.isfinite(pivot), pivot, 0.0)
-    return {"min_pivot": pivot.astype(jnp.float32), "pinv": (pivot <= SINGULAR_PIVOT[dtype]).astype(jnp.float32),
-            "dead": dead}
+    pivot, lam = _conditioning(jnp.linalg.cholesky(g_scaled, symmetrize_input=False))
+    return {"min_pivot": pivot.astype(jnp.float32), "min_eig": lam.astype(jnp.float32),
+            "pinv": (lam <= SINGULAR_PIVOT[dtype]).astype(jnp.float32), "dead": dead}
 
 
 def client_sum(x: jax.Array) -> jax.Array:
@@ -249,8 +357,7 @@ def map_layers(fn: Callable, *trees: dict, sequential: bool = False) -> dict:
 
     By default layers whose arguments have identical shapes are stacked and processed together under ``vmap`` (one
     compiled body per shape group; cheap for diagonal Grams). With ``sequential`` (used for full Grams) every layer
-    gets its own ops instead: no copy of all the d×d Grams into one stack, and the singular-matrix fallback in
-    :func:`solve_gram` stays a real branch instead of being evaluated for every layer.
+    gets its own ops instead: no copy of all the client-stacked d×d Grams into one stack.
     """
     paths = list(trees[0])
     if sequential:

@@ -78,3 +78,19 @@ def test_cli_json(bench, tmp_path, monkeypatch, capsys):
     assert [(r["factor"], r["gram"], r["r"], r["K"]) for r in data["rows"]] == [("A", "full", 8, 2), ("A", "diag", 8, 2)]
     assert data["machine"]["cpu_count"] and data["date"]
     assert "| model |" in capsys.readouterr().out
+
+
+def test_vmap_section(bench, tmp_path, monkeypatch):
+    """The 'merges under vmap' section: the three programs run and agree, and the CLI writes the result."""
+    shapes = {"b0/qkv": (24, 8), "b0/fc1": (16, 8), "b0/fc2": (8, 16), "b1/fc2": (8, 16)}
+    res = bench.run_vmap_benchmark(shapes, n_clients=3, rank=2, repeats=1, log=None)
+    assert [(g["d_in"], g["layers"]) for g in res["groups"]] == [(8, 2), (16, 2)]
+    assert min(res["vmap_ms"], res["tree_ms"], res["stacked_tree_ms"]) > 0
+    assert np.isclose(res["ratio"], res["vmap_ms"] / res["tree_ms"])
+    # same branch and algorithm per layer; only batched vs unbatched rounding differs: ~K·eps·cond(Ĝ) with Grams of
+    # 2·d activation-like rows (cond(Ĝ) of order 1e2 here), i.e. ~1e-5
+    assert res["max_rel_diff"] < 1e-4
+    monkeypatch.setattr(bench, "VMAP_SHAPES", shapes)
+    out = tmp_path / "vmap.json"
+    assert bench.main(["--vmap", "--clients", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["vmap"]["layers"] == 4

@@ -2,6 +2,7 @@
 import itertools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -267,3 +268,141 @@ def test_regmean_lowrank_equals_regmean_of_products(kind):
     got = merging.regmean_lowrank(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32),
                                   jnp.asarray(grams, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merges under jax.vmap: the eigh fallback stays a real branch (issue 16).
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _layer_stack(rng, kinds, K=3, r=2, d=12, d_out=5):
+    """Per layer (kind "ok": 4d samples per client, kind "singular": d//4 samples per client, so Σ G has rank K·d/4 < d):
+    A [L, K, r, d], B [L, K, d_out, r], W [L, K, d_out, d], Grams [L, K, d, d] and cond of Σ G on its range (float64)."""
+    grams, conds = [], []
+    for kind in kinds:
+        n = 4 * d if kind == "ok" else d // 4
+        x = rng.normal(size=(K, n, d))
+        g = np.einsum("kni,knj->kij", x, x)
+        w = np.linalg.eigvalsh(g.sum(0))
+        conds.append(w[-1] / w[w > 1e-9 * w[-1]].min())
+        grams.append(g)
+    L = len(kinds)
+    as_ = lambda a: jnp.asarray(a, jnp.float32)
+    return (as_(rng.normal(size=(L, K, r, d))), as_(rng.normal(size=(L, K, d_out, r))),
+            as_(rng.normal(size=(L, K, d_out, d))), as_(np.stack(grams)), max(conds))
+
+
+@pytest.mark.parametrize("kinds", [("ok",) * 4, ("singular",) * 3, ("ok", "singular", "ok", "singular", "ok")])
+def test_vmapped_merges_equal_unbatched(kinds):
+    """jit(vmap(merge)) over a stack of layers = the merge of each layer alone, for healthy and singular Grams.
+
+    Both take the same branch per layer (Cholesky or eigh pseudo-inverse, decided by the same pivot / inverse-iteration
+    test) and run the same algorithm; they differ only in how XLA rounds batched vs unbatched matmuls and solves: a
+    relative perturbation of ~K·eps of E and Σ G, amplified by the condition number of Σ G on its range (the
+    pseudo-inverse's sensitivity), hence the tolerance 10·K·eps·cond. Nested vmaps fold into one stack.
+    """
+    rng = np.random.default_rng(len(kinds))
+    a, b, w, g, cond = _layer_stack(rng, kinds)
+    K = g.shape[1]
+    tol = 10 * K * EPS32 * cond
+    assert tol < 1e-2, cond  # the test data is meant to be far from the pseudo-inverse cut-off
+    lowrank = lambda b_, a_, g_: merging.regmean_lowrank(b_, a_, g_)
+    fns = {"A": (merging.merge_lora_A, (a, g)), "B": (lambda b_, a_, g_: merging.merge_lora_B(b_, a_[0], g_), (b, a, g)),
+           "regmean": (merging.regmean, (w, g)), "lowrank": (lowrank, (b, a, g))}
+    for name, (fn, args) in fns.items():
+        batched = np.asarray(jax.jit(jax.vmap(fn))(*args))
+        for i in range(len(kinds)):
+            alone = np.asarray(fn(*[x[i] for x in args]))
+            assert np.all(np.isfinite(batched[i]))
+            err = np.max(np.abs(batched[i] - alone)) / np.max(np.abs(alone))
+            assert err < tol, (name, i, kinds[i], err, tol)
+    nested = jax.jit(jax.vmap(jax.vmap(merging.merge_lora_A)))(a[None], g[None])[0]
+    flat = jax.jit(jax.vmap(merging.merge_lora_A))(a, g)
+    assert np.max(np.abs(np.asarray(nested - flat))) <= tol * np.max(np.abs(np.asarray(flat)))
+    sick = [float(merging.gram_health(merging.client_sum(g[i]))["pinv"]) for i in range(len(kinds))]
+    assert sick == [float(k == "singular") for k in kinds]  # the data exercises both branches as intended
+
+
+def _count_pinv_calls(monkeypatch, request):
+    """Make every evaluation of the eigh pseudo-inverse fallback report itself through a jax.debug.callback."""
+    calls = []
+    original = merging._pinv_solve
+
+    def counted(e, g):
+        jax.debug.callback(lambda: calls.append(1))
+        return original(e, g)
+    monkeypatch.setattr(merging, "_pinv_solve", counted)
+    jax.clear_caches()  # traces made before the patch (custom_vmap bodies are cached) must not be reused
+    request.addfinalizer(jax.clear_caches)  # nor the patched ones after it
+    return calls
+
+
+def test_vmapped_healthy_merges_never_evaluate_eigh(monkeypatch, request):
+    """Under vmap the fallback runs only for layers that need it: never for healthy Grams, once per singular layer.
+
+    (A plain lax.cond becomes a select under vmap and evaluates eigh for every layer: this test counts that.)"""
+    calls = _count_pinv_calls(monkeypatch, request)
+    a, _, _, g, _ = _layer_stack(np.random.default_rng(0), ("ok", "ok", "singular", "ok", "ok"))
+    merge = jax.jit(jax.vmap(merging.merge_lora_A))
+    healthy = jnp.concatenate([g[:2], g[3:]])
+    jax.block_until_ready(merge(jnp.concatenate([a[:2], a[3:]]), healthy))
+    jax.effects_barrier()
+    assert len(calls) == 0
+    jax.block_until_ready(merge(a, g))
+    jax.effects_barrier()
+    assert len(calls) == 1  # only the singular layer
+    # and the eigh is inside conditionals only: the traced program holds no unconditional eigh
+    jaxpr = jax.make_jaxpr(jax.vmap(merging.merge_lora_A))(a, g)
+    assert "eigh" in str(jaxpr) and not _unconditional(jaxpr.jaxpr, "eigh")
+
+
+def test_batched_stack_solver_evaluates_eigh_only_for_failing_layers(monkeypatch, request):
+    """The GPU/TPU stack solver (one batched Cholesky, then eigh only if some layer failed), run here on CPU."""
+    calls = _count_pinv_calls(monkeypatch, request)
+    _, _, _, g, cond = _layer_stack(np.random.default_rng(1), ("ok", "singular", "ok"))
+    gram = jax.vmap(merging.client_sum)(g)
+    e = jnp.einsum("lrd,lde->lre", jnp.asarray(np.random.default_rng(2).normal(size=(3, 2, 12)), jnp.float32), gram)
+    solve = jax.jit(merging._solve_stack_batched)
+    healthy = jax.block_until_ready(solve(e[::2], gram[::2]))
+    jax.effects_barrier()
+    assert len(calls) == 0
+    mixed = jax.block_until_ready(solve(e, gram))
+    jax.effects_barrier()
+    assert len(calls) == 1
+    looped = merging._solve_stack_looped(e, gram)  # the CPU path: same branches, same answers up to rounding
+    atol = 10 * g.shape[1] * EPS32 * cond * float(jnp.max(jnp.abs(looped)))  # as in the vmapped == unbatched test
+    np.testing.assert_allclose(mixed, looped, rtol=0, atol=atol)
+    np.testing.assert_allclose(healthy, looped[::2], rtol=0, atol=atol)
+
+
+def _unconditional(jaxpr, primitive: str) -> bool:
+    """Whether ``primitive`` is reached in ``jaxpr`` without passing through a ``cond`` (sub-jaxprs searched)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        if eqn.primitive.name == "cond":
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            if _unconditional(sub, primitive):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_singular_grams_with_large_pivots_take_the_pseudo_inverse(d):
+    """Σ G of d − 1 samples has rank d − 1, yet float32 Cholesky can leave every squared pivot above SINGULAR_PIVOT
+    (on the development machine d = 32, seed 4 gave 4.6e-5 and a solution 5.6× off the minimum-norm one). The
+    inverse-iteration estimate of λ_min catches it, so the answer is the pinv solution. Tolerance: the float32
+    pseudo-inverse's error ~ cond·eps with cond = λ_max / λ_min on the range, times 10."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(d - 1, d))
+        gram = x.T @ x
+        e = rng.normal(size=(3, d)) @ gram
+        want = e @ np.linalg.pinv(gram, rcond=1e-15)
+        w = np.linalg.eigvalsh(gram)
+        cond = w[-1] / w[1]  # w[0] ≈ 0 is the null direction
+        got = merging.solve_gram(jnp.asarray(e, jnp.float32), jnp.asarray(gram, jnp.float32))
+        assert float(merging.gram_health(jnp.asarray(gram, jnp.float32))["pinv"]) == 1
+        assert rel_err(got, want) < 10 * cond * EPS32, (seed, rel_err(got, want), cond)
