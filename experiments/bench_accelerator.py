@@ -243,7 +243,7 @@ def jax_round(size: Mapping, rank: int, dtype: str, log: Callable[[str], None]) 
            "merge_s": steady["merge"], "round_s": steady["round"],
            "other_s": steady["round"] - steady["train"] - steady["grams"] - steady["merge"],
            "images": real * config.epochs, "gram_images": real * config.gram_passes,
-           "padded_images": len(parts) * setup.train_steps * config.batch_size,
+           "train_utilization": metrics["train_utilization"], "gram_utilization": metrics["gram_utilization"],
            "loss": metrics["loss"], "status": "ok"}
     flops = vit_flops(**size["backbone"], rank=rank, num_classes=size["classes"])
     _throughput(row, flops, device_peak(kind, dtype), steady["train"], steady["grams"])
@@ -266,7 +266,8 @@ def torch_round(setup, size: Mapping, rank: int, log: Callable[[str], None]) -> 
            "clients": len(parts), "client_sizes": [len(p) for p in parts], "build_s": warm["build_s"],
            "first_round_s": None, "compile_s": None, "compiles_first_round": None, "compiles_steady_round": None,
            "train_s": out["train_s"], "gram_s": out["gram_s"], "merge_s": out["merge_s"], "round_s": out["round_s"],
-           "other_s": 0.0, "images": out["images"], "gram_images": out["gram_images"], "padded_images": out["images"],
+           "other_s": 0.0, "images": out["images"], "gram_images": out["gram_images"],
+           "train_utilization": 1.0, "gram_utilization": 1.0,
            "loss": None, "status": "ok", "torch": out["torch"]}
     flops = vit_flops(**size["backbone"], rank=rank, num_classes=size["classes"])
     _throughput(row, flops, device_peak(kind, "float16"), out["train_s"], out["gram_s"])
@@ -502,7 +503,7 @@ def _lora_shapes(size: Mapping) -> dict:
 
 
 def dry_run(size_name: str, ranks=None, dtypes=None, log: Callable[[str], None] = print) -> dict:
-    """Build the first round's setup (no training) and report the plan: configs, client sizes, padded steps, model
+    """Build the first round's setup (no training) and report the plan: configs, client sizes, the lanes and packed passes, model
     FLOPs per image. Checks that the paper-size configuration is valid without a GPU."""
     size = SIZES[size_name]
     ranks, dtypes = tuple(ranks or size["ranks"]), tuple(dtypes or size["dtypes"])
@@ -510,7 +511,8 @@ def dry_run(size_name: str, ranks=None, dtypes=None, log: Callable[[str], None] 
     setup = continual.build_setup(round_config(size, ranks[0], dtypes[0]))
     sizes = [len(p) for p in setup.partitions[0]]
     plan = {"size": size_name, "lines": [(r, d) for r in ranks for d in dtypes], "client_sizes": sizes,
-            "train_steps": setup.train_steps, "gram_steps": setup.gram_steps, "client_chunk": setup.client_chunk,
+            "lanes": setup.schedule.lanes, "lane_steps": setup.schedule.num_steps,
+            "gram_batches": setup.schedule.gram_packed[0]["num_batches"],
             "lora_layers": len(setup.backbone.lora_shapes), "build_s": time.perf_counter() - t0,
             "flops_per_image": {r: vit_flops(**size["backbone"], rank=r, num_classes=size["classes"]) for r in ranks}}
     log(json.dumps(plan, indent=1, default=str))
