@@ -4,6 +4,7 @@ before jax starts, so these run in fresh interpreters).
     python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_CHUNK]
     python tests/_scale_worker.py merge                    # sharded merge == host merge, all-reduce in the HLO
     python tests/_scale_worker.py proc PROCESS_ID NUM_PROCESSES PORT WORKDIR NUM_CLIENTS
+    python tests/_scale_worker.py pool [--no-lorm-jax]     # the host runs far ahead of a collective (issue 17)
 
 Each prints one JSON line prefixed with ``RESULT `` on stdout.
 """
@@ -50,6 +51,8 @@ def main(argv):
         out = {"devices": jax.device_count(), **summary(workdir)}
     elif mode == "merge":
         out = merge_check()
+    elif mode == "pool":
+        out = pool_check(import_lorm_jax="--no-lorm-jax" not in argv)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print("RESULT " + json.dumps(out), flush=True)
@@ -82,6 +85,45 @@ def merge_check() -> dict:
                      "all_reduce": "all-reduce" in compiled.as_text(),
                      "input_sharded": not sharded_args[0].sharding.is_fully_replicated}
     return out
+
+
+def pool_check(import_lorm_jax: bool = True, rounds: int = 3, burst: int = 48) -> dict:
+    """The launch pattern that starved XLA's CPU thread pool (issue 17), on every device of the backend.
+
+    A collective program waits on two single-device programs (the host does not wait for them), and the host then
+    queues ``burst`` small eager programs with an all-gather each behind it, more than the 32 computations XLA lets a
+    device have in flight: the launcher tasks of the next program block in the pool while the collective still needs
+    a thread per device. With a pool of ``max(cores, N)`` threads this aborts in XLA's rendezvous timeout; with the
+    ``2 N`` threads :mod:`lorm_jax.runtime` sets it finishes. ``import_lorm_jax=False`` runs it with XLA's defaults.
+    """
+    if import_lorm_jax:
+        import lorm_jax  # noqa: F401  (configures the runtime before the backend starts)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    devices = jax.devices()
+    n = len(devices)
+    mesh = Mesh(np.asarray(devices), ("c",))
+    shard, repl = NamedSharding(mesh, P("c")), NamedSharding(mesh, P())
+    x = jax.device_put(np.ones((n, 64), np.float32), shard)
+    w = jnp.full((64, 64), 1.0 / 64, jnp.float32)
+
+    def spin(steps):  # a single-device program that keeps one thread busy for a while
+        return jax.jit(lambda v: jax.lax.fori_loop(0, steps, lambda i, y: jnp.tanh(y @ w), v))
+
+    short, long_ = spin(100_000), spin(300_000)
+    combine = jax.jit(lambda x, a, b: x + x.sum(0) + a.sum() + b.sum(), out_shardings=shard)  # an all-reduce
+    total = 0.0
+    for _ in range(rounds):
+        a = short(jax.device_put(jnp.ones((4, 64)), devices[0]))
+        b = long_(jax.device_put(jnp.ones((4, 64)), devices[min(1, n - 1)]))
+        y = combine(x, jax.device_put(a, repl), jax.device_put(b, repl))
+        outs = [y[: max(1, n // 2)] for _ in range(burst)]  # eager programs on a sharded array: all-gathers
+        total += float(sum(np.asarray(o).sum() for o in outs))
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return {"devices": n, "finite": bool(np.isfinite(total)), "intra_op_threads": threads.count("tf_XLAEigen"),
+            "pjrt_nproc": os.environ.get("PJRT_NPROC")}
 
 
 if __name__ == "__main__":
