@@ -87,14 +87,15 @@ def merge_check() -> dict:
     return out
 
 
-def pool_check(import_lorm_jax: bool = True, rounds: int = 3, burst: int = 48) -> dict:
-    """The launch pattern that starved XLA's CPU thread pool (issue 17), on every device of the backend.
+def pool_check(import_lorm_jax: bool = True, rounds: int = 2, burst: int = 40, steps: int = 1_000_000) -> dict:
+    """The launch pattern that starves XLA's CPU thread pool (issue 17), deterministically, on N >= 3 devices.
 
-    A collective program waits on two single-device programs (the host does not wait for them), and the host then
-    queues ``burst`` small eager programs with an all-gather each behind it, more than the 32 computations XLA lets a
-    device have in flight: the launcher tasks of the next program block in the pool while the collective still needs
-    a thread per device. With a pool of ``max(cores, N)`` threads this aborts in XLA's rendezvous timeout; with the
-    ``2 N`` threads :mod:`lorm_jax.runtime` sets it finishes. ``import_lorm_jax=False`` runs it with XLA's defaults.
+    A collective program C on the first N - 1 devices waits for a slow single-device program D on the last one (the
+    host does not wait), and the host queues ``burst`` small eager all-gathers behind C: more than the 32
+    computations XLA lets a device have in flight, so the launcher tasks of the next one block, N - 1 pool threads.
+    D holds the N-th. When D ends, C needs N - 1 threads at once and gets one: with XLA's pool of ``max(cores, N)``
+    threads it waits in the rendezvous until XLA aborts (or hangs); with the ``2 N`` threads :mod:`lorm_jax.runtime`
+    sets it finishes. ``import_lorm_jax=False`` runs it with XLA's defaults.
     """
     if import_lorm_jax:
         import lorm_jax  # noqa: F401  (configures the runtime before the backend starts)
@@ -103,27 +104,22 @@ def pool_check(import_lorm_jax: bool = True, rounds: int = 3, burst: int = 48) -
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     devices = jax.devices()
-    n = len(devices)
-    mesh = Mesh(np.asarray(devices), ("c",))
+    mesh = Mesh(np.asarray(devices[:-1]), ("c",))
+    n = mesh.size
     shard, repl = NamedSharding(mesh, P("c")), NamedSharding(mesh, P())
     x = jax.device_put(np.ones((n, 64), np.float32), shard)
-    w = jnp.full((64, 64), 1.0 / 64, jnp.float32)
-
-    def spin(steps):  # a single-device program that keeps one thread busy for a while
-        return jax.jit(lambda v: jax.lax.fori_loop(0, steps, lambda i, y: jnp.tanh(y @ w), v))
-
-    short, long_ = spin(100_000), spin(300_000)
-    combine = jax.jit(lambda x, a, b: x + x.sum(0) + a.sum() + b.sum(), out_shardings=shard)  # an all-reduce
+    w = jax.device_put(jnp.full((64, 64), 1.0 / 64, jnp.float32), devices[-1])
+    slow = jax.jit(lambda v: jax.lax.fori_loop(0, steps, lambda i, y: jnp.tanh(y @ w), v))  # seconds on one core
+    combine = jax.jit(lambda x, d: x + x.sum(0) + d.sum(), out_shardings=shard)  # an all-reduce over the mesh
     total = 0.0
     for _ in range(rounds):
-        a = short(jax.device_put(jnp.ones((4, 64)), devices[0]))
-        b = long_(jax.device_put(jnp.ones((4, 64)), devices[min(1, n - 1)]))
-        y = combine(x, jax.device_put(a, repl), jax.device_put(b, repl))
+        d = slow(jax.device_put(jnp.ones((4, 64), jnp.float32), devices[-1]))
+        y = combine(x, jax.device_put(d, repl))
         outs = [y[: max(1, n // 2)] for _ in range(burst)]  # eager programs on a sharded array: all-gathers
         total += float(sum(np.asarray(o).sum() for o in outs))
     threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    return {"devices": n, "finite": bool(np.isfinite(total)), "intra_op_threads": threads.count("tf_XLAEigen"),
-            "pjrt_nproc": os.environ.get("PJRT_NPROC")}
+    return {"devices": len(devices), "finite": bool(np.isfinite(total)),
+            "intra_op_threads": threads.count("tf_XLAEigen"), "pjrt_nproc": os.environ.get("PJRT_NPROC")}
 
 
 if __name__ == "__main__":
