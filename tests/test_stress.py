@@ -34,17 +34,13 @@ LOST_PEER_LIMIT_S = 120
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for every run of this module (inherited through the environment)."""
-    names = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict(zip(names, (str(tmp_path_factory.mktemp("xla_cache")), "0", "0"))))
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    """One persistent XLA compilation cache for every run of this module (the runs inherit the environment; this
+    process's jax read its cache settings at import and is unaffected)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield
 
 
 def burners():
