@@ -46,14 +46,15 @@ def run_main(argv):
 
     def main(_):
         from lorm_jax import distributed
-        distributed.initialize(distributed.launch_from(flags.FLAGS.coordinator, flags.FLAGS.num_processes,
-                                                       flags.FLAGS.process_id))  # before any device is touched
+        launch = distributed.launch_from(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        distributed.initialize(launch)  # before any device is touched
         from lorm_jax import continual
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         for noisy in ("absl", "jax._src", "orbax"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         workdir = flags.FLAGS.workdir
-        results = continual.run(flags.FLAGS.config, workdir, progress=flags.FLAGS.progress)
+        with distributed.exit_on_lost_peer(launch, workdir):
+            results = continual.run(flags.FLAGS.config, workdir, progress=flags.FLAGS.progress)
         print(_summary_table(results, workdir))
         print(f"\nresults: {os.path.join(workdir, 'results.json')}\nper-round metrics: "
               f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "

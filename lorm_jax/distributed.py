@@ -13,13 +13,26 @@ collectives implementation, set explicitly here). Every process loads the task d
 (replicated); each places only its own devices' shards of the per-client inputs, so it computes only its own
 clients. Process 0 alone writes ``results.json``, ``metrics.jsonl`` and the plots; orbax checkpoints are written by
 all processes together (orbax synchronises them), into the shared workdir.
+
+Failures (``docs/RELIABILITY.md``): the processes may start up to ``INIT_TIMEOUT_S`` apart. A process that dies or
+hangs is noticed by the others at their next cross-process collective (gloo: connection reset) or, at the latest,
+when it has missed heartbeats for ``HEARTBEAT_TIMEOUT_S``; :func:`exit_on_lost_peer` turns the first into one clear
+message and exit status ``EXIT_LOST_PEER`` (the second ends the process from jax's runtime, with its own message
+naming the task). Either way the survivors stop within about a minute instead of waiting, and rerunning the same
+command on every process resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 
 ENV_PREFIX = "LORM_JAX_"
+INIT_TIMEOUT_S = 300       # how long a process waits for the others to start
+HEARTBEAT_TIMEOUT_S = 60   # a process silent this long is dead (jax's default: 100 s)
+SHUTDOWN_TIMEOUT_S = 300   # how long a finished process waits for the others at exit (process 0 writes the results)
+EXIT_LOST_PEER = 75        # EX_TEMPFAIL: another process of the run is gone; rerun every process to resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +80,56 @@ def initialize(launch: Launch) -> None:
         return
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = dict(initialization_timeout=INIT_TIMEOUT_S, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     if launch.auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                                   process_id=launch.process_id)
+                                   process_id=launch.process_id, **timeouts)
+
+
+_PEER_LOST = ("gloo", "connection reset", "connection closed", "connection refused", "broken pipe", "heartbeat",
+              "coordination service", "barrier", "unavailable:", "deadline_exceeded:")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for what jax raises when another process of the run is gone: a cross-process (gloo) collective whose
+    connection broke, or the coordination service (barriers, heartbeats) reporting a dead or unreachable task.
+    The error type varies (``JaxRuntimeError``; ``ValueError`` from ``process_allgather``), so the message and the
+    exception chain are what is checked."""
+    while exc is not None:
+        if any(k in str(exc).lower() for k in _PEER_LOST):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def lost_peer_message(exc: BaseException, process: int, num_processes: int, workdir: str | None = None) -> str:
+    """What surviving process ``process`` of ``num_processes`` prints: whom it lost, jax's reason, how to resume."""
+    others = [i for i in range(num_processes) if i != process]
+    peer = f"process {others[0]}" if len(others) == 1 else f"one of processes {others}"
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    where = f" in {workdir}" if workdir else ""
+    return (f"lorm-jax: process {process} of {num_processes} lost contact with {peer}: {reason}\n"
+            f"A multi-process run cannot continue without all its processes. Restart all {num_processes} processes "
+            f"with the same command: the run resumes from the last checkpoint{where}.")
+
+
+@contextlib.contextmanager
+def exit_on_lost_peer(launch: Launch, workdir: str | None = None):
+    """Around a multi-process run: if another process is lost, print :func:`lost_peer_message` and leave at once with
+    ``EXIT_LOST_PEER``, skipping jax's exit barrier (which would otherwise wait for the dead process until its
+    heartbeat times out, then abort). Checkpoints are atomic, so nothing needs finishing. Other errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        if not (launch.distributed and is_peer_failure(exc)):
+            raise
+        import jax
+        sys.stdout.flush()
+        print(lost_peer_message(exc, jax.process_index(), jax.process_count(), workdir), file=sys.stderr, flush=True)
+        os._exit(EXIT_LOST_PEER)
 
 
 def is_primary() -> bool:

@@ -4,6 +4,7 @@ before jax starts, so these run in fresh interpreters).
     python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_LANES]
     python tests/_scale_worker.py merge                    # sharded merge == host merge, all-reduce in the HLO
     python tests/_scale_worker.py proc PROCESS_ID NUM_PROCESSES PORT WORKDIR NUM_CLIENTS
+    python tests/_scale_worker.py pool [--no-lorm-jax]     # the host runs far ahead of a collective (issue 17)
 
 Each prints one JSON line prefixed with ``RESULT `` on stdout. The runs compute in float64 (64-bit JAX, a float64
 backbone and merges): runs with different numbers of devices, processes and lanes then agree to ~1e-12, where float32
@@ -57,6 +58,8 @@ def main(argv):
         out = {"devices": jax.device_count(), **summary(workdir)}
     elif mode == "merge":
         out = merge_check()
+    elif mode == "pool":
+        out = pool_check(import_lorm_jax="--no-lorm-jax" not in argv)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print("RESULT " + json.dumps(out), flush=True)
@@ -89,6 +92,41 @@ def merge_check() -> dict:
                      "all_reduce": "all-reduce" in compiled.as_text(),
                      "input_sharded": not sharded_args[0].sharding.is_fully_replicated}
     return out
+
+
+def pool_check(import_lorm_jax: bool = True, rounds: int = 2, burst: int = 40, steps: int = 1_000_000) -> dict:
+    """The launch pattern that starves XLA's CPU thread pool (issue 17), deterministically, on N >= 3 devices.
+
+    A collective program C on the first N - 1 devices waits for a slow single-device program D on the last one (the
+    host does not wait), and the host queues ``burst`` small eager all-gathers behind C: more than the 32
+    computations XLA lets a device have in flight, so the launcher tasks of the next one block, N - 1 pool threads.
+    D holds the N-th. When D ends, C needs N - 1 threads at once and gets one: with XLA's pool of ``max(cores, N)``
+    threads it waits in the rendezvous until XLA aborts (or hangs); with the ``2 N`` threads :mod:`lorm_jax.runtime`
+    sets it finishes. ``import_lorm_jax=False`` runs it with XLA's defaults.
+    """
+    if import_lorm_jax:
+        import lorm_jax  # noqa: F401  (configures the runtime before the backend starts)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    devices = jax.devices()
+    mesh = Mesh(np.asarray(devices[:-1]), ("c",))
+    n = mesh.size
+    shard, repl = NamedSharding(mesh, P("c")), NamedSharding(mesh, P())
+    x = jax.device_put(np.ones((n, 64), np.float32), shard)
+    w = jax.device_put(jnp.full((64, 64), 1.0 / 64, jnp.float32), devices[-1])
+    slow = jax.jit(lambda v: jax.lax.fori_loop(0, steps, lambda i, y: jnp.tanh(y @ w), v))  # seconds on one core
+    combine = jax.jit(lambda x, d: x + x.sum(0) + d.sum(), out_shardings=shard)  # an all-reduce over the mesh
+    total = 0.0
+    for _ in range(rounds):
+        d = slow(jax.device_put(jnp.ones((4, 64), jnp.float32), devices[-1]))
+        y = combine(x, jax.device_put(d, repl))
+        outs = [y[: max(1, n // 2)] for _ in range(burst)]  # eager programs on a sharded array: all-gathers
+        total += float(sum(np.asarray(o).sum() for o in outs))
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return {"devices": len(devices), "finite": bool(np.isfinite(total)),
+            "intra_op_threads": threads.count("tf_XLAEigen"), "pjrt_nproc": os.environ.get("PJRT_NPROC")}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,24 @@ def test_launch_from_flags_and_environment():
         distributed.launch_from(None, 2, 0, environ={})
 
 
+def test_lost_peer_is_recognised_and_named():
+    import jax
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer "
+                                      "[127.0.0.1]:53441")
+    assert distributed.is_peer_failure(gloo)
+    try:  # wrapped by another exception (e.g. a checkpoint writer's): still recognised through the chain
+        raise RuntimeError("save failed") from gloo
+    except RuntimeError as wrapped:
+        assert distributed.is_peer_failure(wrapped)
+    assert distributed.is_peer_failure(ValueError("UNKNOWN: Gloo AllGather failed"))  # process_allgather's type
+    assert not distributed.is_peer_failure(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert not distributed.is_peer_failure(ValueError("config.rank = 0 is invalid: need >= 1"))
+    two = distributed.lost_peer_message(gloo, 0, 2, "runs/x")
+    assert two.startswith("lorm-jax: process 0 of 2 lost contact with process 1: UNKNOWN: Gloo AllGather failed")
+    assert "Restart all 2 processes" in two and "runs/x" in two
+    assert "one of processes [0, 2, 3]" in distributed.lost_peer_message(gloo, 1, 4)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
