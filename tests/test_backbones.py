@@ -187,7 +187,8 @@ def random_lora(bb, key, rank=2, nonzero_b=True, scale=0.3):
 TINY = ["tiny_vit", "tiny_bert"]
 
 
-@pytest.fixture(scope="module", params=TINY)
+# the ViT variants are in the full suite only; the fast lane (-m "not slow") runs the BERT ones
+@pytest.fixture(scope="module", params=[pytest.param("tiny_vit", marks=pytest.mark.slow), "tiny_bert"])
 def tiny(request):
     return backbones.get(request.param)
 
@@ -314,6 +315,7 @@ def test_add_delta_equivalence(tiny):
     np.testing.assert_allclose(kernel(sub) - kernel(tiny.params), L.delta(lo)[path].T, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fused_and_separate_qkv_agree():
     for name in TINY:
         fused, sep = backbones.get(name, qkv="fused"), backbones.get(name, qkv="separate")
@@ -367,6 +369,7 @@ def test_gradients_flow_to_lora(tiny):
 # ViT: big_vision loader and Grams against the numpy forward.
 # ----------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_augreg_loader_matches_numpy(bv_ckpt):
     path, ck = bv_ckpt
     bb = backbones.get("vit_b16_augreg_in21k", path=path, image_size=16)
@@ -400,16 +403,18 @@ def test_augreg_loader_resamples_position_grid(bv_ckpt):
     np.testing.assert_array_equal(bb.params["pos_embedding"][0, 0], pos[0, 0])  # CLS position untouched
     ck32 = dict(ck, **{"Transformer/posembed_input/pos_embedding": np.asarray(bb.params["pos_embedding"])})
     x = images(2, 32, seed=3)
-    assert rel_err(bb.apply(bb.params, None, x)[0], numpy_vit(ck32, np.asarray(x))[0]) < 1e-5
+    assert rel_err(jax.jit(bb.apply)(bb.params, None, x)[0], numpy_vit(ck32, np.asarray(x))[0]) < 1e-5
 
 
 def test_tiny_vit_is_the_big_vision_random_init():
     bb = backbones.get("tiny_vit", seed=3)
     ck = vit.random_big_vision(3, **BV_ARCH)
     x = images(2, seed=1)
-    assert rel_err(bb.apply(bb.params, None, x)[0], numpy_vit(ck, np.asarray(x))[0]) < 1e-5
+    apply = jax.jit(bb.apply)  # the same module for both seeds: one compilation
+    feats = apply(bb.params, None, x)[0]
+    assert rel_err(feats, numpy_vit(ck, np.asarray(x))[0]) < 1e-5
     other = backbones.get("tiny_vit", seed=4)
-    assert not np.allclose(other.apply(other.params, None, x)[0], bb.apply(bb.params, None, x)[0])
+    assert not np.allclose(apply(other.params, None, x)[0], feats)
 
 
 def test_bicubic_matches_torch_semantics_via_onnxruntime():
@@ -438,6 +443,7 @@ def test_bicubic_matches_torch_semantics_via_onnxruntime():
 # BERT: HF converter and Grams against the numpy forward; tokenizer.
 # ----------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qkv", ["separate", "fused"])
 def test_bert_matches_numpy_with_padding(qkv):
     sd = bert.random_hf_bert(5, vocab=64, width=32, depth=2, mlp=48, max_len=16)

@@ -23,6 +23,7 @@ def small_config():
     return config_lib.override(tiny.get_config(), **SMALL)
 
 
+@pytest.mark.slow
 def test_compare_two_methods_then_reuse_through_the_cli(tmp_path, monkeypatch):
     out = str(tmp_path / "study")
     table = compare.compare(small_config(), ["lorm", "fedavg_lora"], [0.5], [0], out, title="tiny")

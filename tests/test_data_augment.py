@@ -27,6 +27,7 @@ def test_to_float_and_normalize(images):
 train_jit = jax.jit(A.train_transform, static_argnums=2, static_argnames=("crop_scale", "crop_ratio", "flip", "method"))
 
 
+@pytest.mark.slow
 def test_train_transform_shapes_range_determinism(images):
     out = train_jit(jax.random.key(0), images, 12)
     assert out.shape == (4, 12, 12, 3) and out.dtype == jnp.float32
@@ -42,6 +43,7 @@ def test_train_transform_shapes_range_determinism(images):
     assert float(oc.min()) >= 0.0 and float(oc.max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_train_transform_vmap_over_clients(images):
     keys = jax.random.split(jax.random.key(0), 3)
     batch = jnp.stack([jnp.asarray(images)] * 3)  # [K, B, H, W, C]
@@ -51,6 +53,7 @@ def test_train_transform_vmap_over_clients(images):
     np.testing.assert_allclose(np.asarray(out[1]), np.asarray(train_jit(keys[1], images, 8)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_identity_crop_and_exact_subcrop():
     img = jnp.asarray(np.random.default_rng(1).random((16, 16, 3), dtype=np.float32))
     z = A.random_resized_crop(jax.random.key(3), img, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
@@ -66,6 +69,7 @@ def test_identity_crop_and_exact_subcrop():
         np.testing.assert_allclose(np.asarray(z), np.asarray(img[top:top + 8, left:left + 8]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rrc_params_ranges_and_fallback():
     keys = jax.random.split(jax.random.key(0), 200)
     top, left, h, w = jax.jit(jax.vmap(lambda k: A.rrc_params(k, 32, 32)))(keys)

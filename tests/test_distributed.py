@@ -33,6 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """5 clients over 2 processes × 1 CPU device (padded to 6, 3 per process); process 0 alone writes the results."""
     single = worker("run", tmp_path / "single", 0, 5)

@@ -60,6 +60,7 @@ def test_every_method_runs_rounds_and_a_task(setup, name):
     assert 0.0 <= m["accuracy"] <= 1.0 and _finite((state["past_a"], state["past_b"], state["task_grams"]))
 
 
+@pytest.mark.slow
 def test_centralized_pools_each_task_on_one_client(central_setup):
     s = central_setup
     assert s.config.num_clients == 1 and s.method.name == "centralized"
@@ -71,6 +72,7 @@ def test_centralized_pools_each_task_on_one_client(central_setup):
     assert methods.effective_config(config).num_clients == 1 and config.num_clients == 4  # the input is not mutated
 
 
+@pytest.mark.slow
 def test_fedavg_lora_with_one_client_equals_local_training(central_setup):
     """One client: FedAvg of A and B (and a FedAvg head) returns exactly what local training produced, and so does the
     centralized method."""
