@@ -15,8 +15,8 @@ PY=${PYTHON:-${VENV:-.venv}/bin/python}
 # The equivalence tests (selected by name inside these files; see the reasoning next to each tolerance).
 FILES=(tests/test_engine.py tests/test_sharding.py tests/test_merging.py tests/test_backbones.py tests/test_methods.py
        tests/test_reliability.py)
-SELECT="equals or per_client or lanes or chunk or test_merging.py or vmap_over_clients or qkv_agree or add_delta
-        or one_client or nan_data or drops_out"
+SELECT="equals or per_client or lanes or test_merging or vmap_over_clients or qkv_agree or add_delta or drops_out
+        or nan_data"
 SELECT=$(echo $SELECT)  # one line
 
 pinned() {  # pinned CPUS CMD...: run CMD with its CPU affinity set to the comma-separated CPUS

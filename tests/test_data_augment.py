@@ -18,10 +18,11 @@ def images():
 def test_to_float_and_normalize(images):
     x = A.to_float(images)
     assert x.shape == (4, 20, 20, 3) and x.dtype == jnp.float32
+    # x / 255 (or x · (1/255)) in float32: one or two roundings, ≤ 2u = 1.2e-7 relative
     np.testing.assert_allclose(np.asarray(x[..., 2]), images[..., 0] / 255.0, rtol=1e-6)
     z = A.normalize(x, A.HALF_MEAN, A.HALF_STD)
     assert float(z.min()) >= -1.0 and float(z.max()) <= 1.0
-    np.testing.assert_allclose(np.asarray(A.normalize(jnp.ones((2, 3)), 0.5, 0.25)), 2.0)
+    np.testing.assert_allclose(np.asarray(A.normalize(jnp.ones((2, 3)), 0.5, 0.25)), 2.0)  # (1 − ½) / ¼: exact
 
 
 train_jit = jax.jit(A.train_transform, static_argnums=2, static_argnames=("crop_scale", "crop_ratio", "flip", "method"))

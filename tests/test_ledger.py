@@ -83,7 +83,7 @@ def test_summarize_totals():
              {"upload_bytes": 500_000, "download_bytes": 0, "upload_breakdown": {"B": 500_000}},
              {"accuracy": 0.5}]
     s = ledger.summarize(lines)
-    assert s["upload_mb_per_client"] == pytest.approx(2.0) and s["download_bytes_per_client"] == 10
+    assert s["upload_mb_per_client"] == pytest.approx(2.0) and s["download_bytes_per_client"] == 10  # float64: exact
     assert s["upload_bytes_per_client_by_item"] == {"B": 1_500_000, "grams": 500_000}
 
 
