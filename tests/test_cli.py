@@ -18,6 +18,17 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 JAX_NOTE = re.compile(r"(WARNING|I\d{4}|W\d{4}) ")  # JAX / XLA start-up notes on stderr, not ours
 
 
+@pytest.fixture(autouse=True)
+def _keep_logger_levels():
+    """`run` quietens a few loggers of the process it runs in; give this test process its levels back."""
+    import logging
+    loggers = [logging.getLogger(name) for name in ("absl", "jax._src", "orbax")]
+    levels = [lg.level for lg in loggers]
+    yield
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(level)
+
+
 def lorm_jax(*args, env=None):
     """The real command in a subprocess."""
     environ = {k: v for k, v in os.environ.items() if k != "LORM_JAX_VERBOSE"}

@@ -2,8 +2,6 @@
 server merges read nothing beyond what the ledger counts."""
 import copy
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,7 @@ import pytest
 
 from lorm_jax import config as config_lib
 from lorm_jax import continual, ledger, methods
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import tiny_setup  # noqa: E402
+from tests._tiny import tiny_setup  # the same module (and setup cache) as test_methods / test_sharding
 
 F32 = 4
 

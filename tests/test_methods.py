@@ -2,8 +2,6 @@
 never moves A, the rank-r RegMean carry-over is optimal, the merge diagnostics match their definition."""
 import copy
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +12,8 @@ from lorm_jax import config as config_lib
 from lorm_jax import continual, merging, methods
 from lorm_jax.methods import common
 from lorm_jax.methods.regmean_lora import regmean_rank_r
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import tiny_config, tiny_setup  # noqa: E402
-from tests._numerics import assert_within, gamma  # noqa: E402
+from tests._numerics import assert_within, gamma
+from tests._tiny import tiny_config, tiny_setup  # the same module (and setup cache) as test_ledger / test_sharding
 
 
 def with_method(setup, name, **overrides):

@@ -83,6 +83,7 @@ CHAIN = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_and_signalled_runs_resume_to_identical_results(tmp_path):
     cache = tmp_path / "jax_cache"
     full = tmp_path / "full"
@@ -202,6 +203,7 @@ def _float_images(setup, nan_clients=(), task=1):
     return dataclasses.replace(setup, train=dict(setup.train, x=jnp.asarray(x)))
 
 
+@pytest.mark.slow
 def test_client_with_nan_data_is_left_out_of_the_merge(small_setup, caplog, tmp_path):
     state = continual.initial_state(small_setup)
     poisoned = _float_images(small_setup, nan_clients=[1])
@@ -260,6 +262,7 @@ def test_gram_health_reports_singular_and_ill_conditioned_grams():
 # ----------------------------------------------------------------------------------------------------------------------
 # Data edge cases
 
+@pytest.mark.slow
 def test_strong_skew_ten_clients_completes_above_chance(tmp_path):
     """β = 0.01, 10 clients on configs/tiny.py: most clients hold no sample of a task (weight 0 in every merge)."""
     c = tiny_config(num_clients=10, **{"data.beta": 0.01, "data.min_samples": 0})
