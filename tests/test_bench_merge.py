@@ -22,6 +22,7 @@ TINY = {"tiny": {"block_0/attn/qkv": (24, 8), "block_0/attn/proj": (8, 8),
                  "block_0/mlp/fc1": (16, 8), "block_0/mlp/fc2": (8, 16)}}
 
 
+@pytest.mark.slow
 def test_rows_keys_and_accuracy(bench):
     rows = bench.run_benchmark(TINY, ranks=(1, 4), n_clients=3, log=None)
     assert len(rows) == 2 * 2 * 2  # gram kinds x factors x ranks
@@ -43,6 +44,7 @@ def test_rows_keys_and_accuracy(bench):
     json.dumps(rows)  # JSON-serialisable
 
 
+@pytest.mark.slow
 def test_x64_runs_and_restores_the_flag(bench):
     before = bool(jax.config.jax_enable_x64)
     rows = bench.run_benchmark(TINY, factors=("A",), grams=("full",), ranks=(2,), n_clients=2, x64=True, log=None)

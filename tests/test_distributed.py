@@ -51,9 +51,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """5 clients over 2 processes × 1 CPU device (padded to 6, 3 per process); process 0 alone writes the results."""
-    single = worker("run", tmp_path / "single", 0, 5)
+    """5 clients over 2 processes × 1 CPU device (padded to 6, 3 per process); process 0 alone writes the results.
+
+    The reference is one process with 2 devices: the same 3 clients per device, so each device runs the same program
+    on the same data and only the distributed runtime (gloo collectives, coordination) differs. Against 1 device of 6
+    clients the vmapped matmuls would round differently and AdamW would amplify that (a tolerance of one CPU)."""
+    single = worker("run", tmp_path / "single", 0, 5, devices=2)
     port, workdir = _free_port(), tmp_path / "multi"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, WORKER, "proc", str(i), "2", str(port), str(workdir), "5"], cwd=REPO,
@@ -71,8 +76,8 @@ def test_two_processes_match_one(tmp_path):
     first, second = (json.loads(o[len("RESULT "):]) for o in outs)
     assert first["process_index"] == 0 and second["process_index"] == 1
     assert first["devices"] == 2 and first["local_devices"] == 1
-    np.testing.assert_allclose(np.asarray(first["accuracy_matrix"], float),
-                               np.asarray(single["accuracy_matrix"], float), atol=1e-9)
-    np.testing.assert_allclose(first["client_loss"], single["client_loss"], atol=1e-4)
+    # same programs, same inputs, 2-term all-reduces (a + b = b + a exactly): bit-identical, on any CPU
+    assert first["accuracy_matrix"] == single["accuracy_matrix"]
+    np.testing.assert_array_equal(first["client_loss"], single["client_loss"])
     assert len(first["client_loss"][0]) == 5
     assert os.path.exists(workdir / "results.json") and not os.path.exists(workdir / "results.json.tmp")

@@ -2,8 +2,6 @@
 server merges read nothing beyond what the ledger counts."""
 import copy
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,7 @@ import pytest
 
 from lorm_jax import config as config_lib
 from lorm_jax import continual, ledger, methods
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import tiny_setup  # noqa: E402
+from tests._tiny import tiny_setup  # the same module (and setup cache) as test_methods / test_sharding
 
 F32 = 4
 
@@ -83,7 +79,7 @@ def test_summarize_totals():
              {"upload_bytes": 500_000, "download_bytes": 0, "upload_breakdown": {"B": 500_000}},
              {"accuracy": 0.5}]
     s = ledger.summarize(lines)
-    assert s["upload_mb_per_client"] == pytest.approx(2.0) and s["download_bytes_per_client"] == 10
+    assert s["upload_mb_per_client"] == pytest.approx(2.0) and s["download_bytes_per_client"] == 10  # float64: exact
     assert s["upload_bytes_per_client_by_item"] == {"B": 1_500_000, "grams": 500_000}
 
 

@@ -9,6 +9,7 @@ a borderline eigenvalue across the pseudo-inverse cut-off.
 """
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,6 +62,7 @@ def check_finite(*xs):
         assert np.all(np.isfinite(np.asarray(x))), x
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(problems())
 def test_regmean_and_merge_a_finite_permutation_invariant_and_exact_on_the_data_span(p):
@@ -81,6 +83,7 @@ def test_regmean_and_merge_a_finite_permutation_invariant_and_exact_on_the_data_
     assert np.max(np.abs(np.asarray(merged_w, np.float64) @ g_sum - e)) / scale < 1e-3
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(problems())
 def test_merge_b_finite_and_permutation_invariant(p):
@@ -98,6 +101,7 @@ def test_merge_b_finite_and_permutation_invariant(p):
     assert response_gap(merging.merge_lora_B(b[perm], a, grams[perm]), merged, projected, scale) < 1e-3
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(problems(invertible=True, single=True))
 def test_one_client_with_invertible_gram_returns_its_own_matrices(p):

@@ -11,6 +11,7 @@ from lorm_jax import config as config_lib
 from lorm_jax import continual
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # real pretrained models: full suite only
 
 
 def needs(package: str, path: str | None = None):

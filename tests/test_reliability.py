@@ -83,6 +83,7 @@ CHAIN = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_and_signalled_runs_resume_to_identical_results(tmp_path):
     cache = tmp_path / "jax_cache"
     full = tmp_path / "full"
@@ -202,6 +203,7 @@ def _float_images(setup, nan_clients=(), task=1):
     return dataclasses.replace(setup, train=dict(setup.train, x=jnp.asarray(x)))
 
 
+@pytest.mark.slow
 def test_client_with_nan_data_is_left_out_of_the_merge(small_setup, caplog, tmp_path):
     state = continual.initial_state(small_setup)
     poisoned = _float_images(small_setup, nan_clients=[1])
@@ -241,8 +243,11 @@ def test_gram_health_reports_singular_and_ill_conditioned_grams():
     x = rng.normal(size=(40, 6)).astype(np.float32)
     well = merging.gram_health(jnp.asarray(x.T @ x))
     assert float(well["pinv"]) == 0 and 0.05 < float(well["min_pivot"]) <= 1
-    low_rank = x[:, :3] @ rng.normal(size=(3, 6)).astype(np.float32)  # rank 3 of 6
-    singular = jnp.asarray(low_rank.T @ low_rank)
+    low_rank = x[:, :3].astype(np.float64) @ rng.normal(size=(3, 6))  # rank 3 of 6
+    # formed in float64 and rounded once, so the scaled Gram is singular up to u = 6e-8 per entry on any CPU: its
+    # Cholesky breaks down (pivot² 0 here) or leaves a pivot² of rounding size O(d u) ≈ 1e-6 < 1e-5. A float32
+    # product of 40 terms would leave up to γ_40 ≈ 2.4e-6 per entry, in a CPU-dependent pattern.
+    singular = jnp.asarray((low_rank.T @ low_rank).astype(np.float32))
     sick = merging.gram_health(singular)
     assert float(sick["pinv"]) == 1 and float(sick["min_pivot"]) < merging.SINGULAR_PIVOT[jnp.dtype(jnp.float32)]
     out = merging.solve_gram(jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), singular)
@@ -253,12 +258,13 @@ def test_gram_health_reports_singular_and_ill_conditioned_grams():
     metrics = continual.gram_conditioning({"layer": jnp.stack([singular, jnp.zeros((6, 6))]),
                                            "head": jnp.ones((2, 4))})
     assert metrics["gram_pinv_layers"] == 1 and metrics["gram_dead_features"] == 0
-    assert 0 <= metrics["gram_min_pivot"] < 1e-5
+    assert 0 <= metrics["gram_min_pivot"] < 1e-5  # the singular layer's pivot², see above
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data edge cases
 
+@pytest.mark.slow
 def test_strong_skew_ten_clients_completes_above_chance(tmp_path):
     """β = 0.01, 10 clients on configs/tiny.py: most clients hold no sample of a task (weight 0 in every merge)."""
     c = tiny_config(num_clients=10, **{"data.beta": 0.01, "data.min_samples": 0})
