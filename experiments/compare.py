@@ -291,7 +291,7 @@ def main(argv=None) -> str:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     config = config_lib.load(args.config, overrides)
     config_lib.validate(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     name = os.path.splitext(os.path.basename(args.config.split(":", 1)[0]))[0]

@@ -76,7 +76,7 @@ def run_main(argv: list[str]) -> int:
     distributed.initialize(launch)  # before any device is touched
     _check_workdir(args.workdir, config)
     from lorm_jax import continual
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     workdir = args.workdir

@@ -97,12 +97,12 @@ def test_resumed_run_is_identical(tmp_path):
 
 
 def test_lanes_change_nothing_in_a_run(tmp_path):
-    """Acceptance (#15): 1, 2 and 4 lanes give the same run (accuracy matrix, per-client losses), and every round
+    """Acceptance (#15): 1 and 3 lanes give the same run (accuracy matrix, per-client losses), and every round
     reports how much of its work was real. In float64 (see tests/test_lanes.py for why: float32 rounding of batched
     vs unbatched matmuls, amplified by AdamW, would make any tolerance machine-specific)."""
     runs = {}
     with jax.enable_x64(True):
-        for lanes in (1, 2, 4):
+        for lanes in (1, 3):  # 4 clients in 3 lanes: one lane runs two clients back to back
             config = small_config(client_lanes=lanes, merge_dtype="float64", **{"backbone.options": {
                 **small_config().backbone.options.to_dict(), "compute_dtype": "float64"}})
             runs[lanes] = continual.run(config, str(tmp_path / f"lanes{lanes}"), progress=False)
@@ -121,7 +121,7 @@ def test_lanes_change_nothing_in_a_run(tmp_path):
         for key in ("train_utilization", "batch_fill", "gram_utilization"):
             assert 0 < line[key] <= 1, (key, line[key])
     assert one["utilization"]["train_utilization"]["min"] == 1.0  # one lane: never idle
-    assert runs[4]["utilization"]["train_utilization"]["min"] < 1.0  # 4 clients of unequal size in 4 lanes
+    assert runs[3]["utilization"]["train_utilization"]["min"] < 1.0  # 4 clients of unequal size in 3 lanes
 
 
 def test_workdir_with_other_config_is_refused(tmp_path):

@@ -53,11 +53,9 @@ def _metric_lines(workdir):
 # ----------------------------------------------------------------------------------------------------------------------
 # Crash safety: a real `lorm-jax run` killed (SIGKILL) or stopped (SIGINT / SIGTERM) at chosen points, then restarted
 
-def _cli(workdir, cache, fault=None):
+def _cli(workdir, fault=None):
+    """The real command; restarts read their programs from the suite's compilation cache (tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k != continual.FAULT_ENV}
-    # A persistent compilation cache shared by the runs of this test: each restart compiles in ~1 s instead of ~15 s.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     if fault:
         env[continual.FAULT_ENV] = fault
     config = os.path.join(REPO, "configs/tiny.py")
@@ -85,15 +83,14 @@ CHAIN = [
 
 @pytest.mark.slow
 def test_killed_and_signalled_runs_resume_to_identical_results(tmp_path):
-    cache = tmp_path / "jax_cache"
     full = tmp_path / "full"
-    proc = _cli(full, cache)
+    proc = _cli(full)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = _results(full)
 
     workdir = tmp_path / "interrupted"
     for fault, status, done in CHAIN:
-        proc = _cli(workdir, cache, fault)
+        proc = _cli(workdir, fault)
         assert proc.returncode == status, (fault, proc.returncode, proc.stderr[-3000:])
         if fault == "checkpoint@2":
             assert _partial_steps(workdir) == [f"3{checkpointing.TMP_MARKER}"]  # really killed mid-write

@@ -27,20 +27,9 @@ import stress_reliability as stress  # noqa: E402
 pytestmark = pytest.mark.slow
 
 CONFIG = os.path.join(REPO, "tests", "_stress_config.py")
-OVERRIDES = ("--config.num_clients=4",)  # on 8 devices: padded to 8, outputs trimmed by eager all-gathers
+OVERRIDES = ("--config.num_clients=4",)  # on 8 devices: 8 lanes, half of them without a client
 BURNERS = 2                              # busy loops, as many as the CI machine's cores
 LOST_PEER_LIMIT_S = 120
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for every run of this module (the runs inherit the environment; this
-    process's jax read its cache settings at import and is unaffected)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
-        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-        yield
 
 
 def burners():
@@ -73,12 +62,12 @@ def test_pool_starvation_pattern_finishes():
 
 
 def test_eight_devices_beside_cpu_burners(tmp_path, reference):
-    """Two consecutive 8-device runs with busy loops beside them: none aborts, each gives the 1-device matrix."""
+    """An 8-device run with busy loops beside it does not abort and gives the 1-device matrix (the acceptance script,
+    experiments/stress_reliability.py, runs 10 in a row)."""
     with burners():
-        for i in range(2):
-            workdir = tmp_path / f"eight{i}"
-            _ok(stress.finish([stress.start(CONFIG, workdir, devices=8, overrides=OVERRIDES)])[0], f"8-device run {i}")
-            np.testing.assert_array_equal(stress.accuracy_matrix(workdir), reference)
+        workdir = tmp_path / "eight"
+        _ok(stress.finish([stress.start(CONFIG, workdir, devices=8, overrides=OVERRIDES)])[0], "8-device run")
+        np.testing.assert_array_equal(stress.accuracy_matrix(workdir), reference)
 
 
 def test_killed_peer_is_named_within_limit_and_late_rerun_resumes(tmp_path, reference):
