@@ -61,6 +61,7 @@ def test_ratio_lines(bench):
     assert lines[4] == "merge A full: lorm_jax / reference = 0.0100 (speed-up 100x)"
 
 
+@pytest.mark.slow
 def test_tiny_run_through_the_engine(bench, tmp_path):
     """The lorm_jax half at tiny size on CPU: a round through continual.run_round with its phases timed, a second
     round that compiles nothing, the model FLOP/s, the four full-model merges, JSON and markdown written."""

@@ -82,6 +82,7 @@ def test_cli_json(bench, tmp_path, monkeypatch, capsys):
     assert "| model |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_vmap_section(bench, tmp_path, monkeypatch):
     """The 'merges under vmap' section: the three programs run and agree, and the CLI writes the result."""
     shapes = {"b0/qkv": (24, 8), "b0/fc1": (16, 8), "b0/fc2": (8, 16), "b1/fc2": (8, 16)}

@@ -78,6 +78,7 @@ def _results(workdir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_resumed_run_is_identical(tmp_path):
     config = small_config()
     full = continual.run(config, str(tmp_path / "full"), progress=False)
@@ -96,6 +97,7 @@ def test_resumed_run_is_identical(tmp_path):
     assert continual.run(config, interrupted, progress=False) == full  # a finished run returns at once
 
 
+@pytest.mark.slow
 def test_lanes_change_nothing_in_a_run(tmp_path):
     """Acceptance (#15): 1 and 3 lanes give the same run (accuracy matrix, per-client losses), and every round
     reports how much of its work was real. In float64 (see tests/test_lanes.py for why: float32 rounding of batched
@@ -141,6 +143,7 @@ def test_summarize_metrics():
     assert m["average_incremental_accuracy"] == pytest.approx(np.mean([0.9, 0.75, 29 / 40]))
 
 
+@pytest.mark.slow
 def test_cli_tiny_run(tmp_path):
     """The CI smoke run: `lorm-jax run --config configs/tiny.py` end to end, well above chance (1/6)."""
     workdir = str(tmp_path / "tiny")
@@ -155,6 +158,7 @@ def test_cli_tiny_run(tmp_path):
     assert "final average accuracy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_repeated_round_compiles_nothing():
     """Every program of a round (training, Grams, the server merge, diagnostics) is compiled once: a later round
     that trains the same factor on the same shapes compiles nothing (eager merges re-compiled each ``lax.cond``)."""

@@ -135,7 +135,8 @@ def reference_training(setup, lora, head, own_idx, own_mask, keys, phase, lr, cl
     return out
 
 
-@pytest.mark.parametrize("num_lanes", [1, 2, 3, 5])
+@pytest.mark.parametrize("num_lanes", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow),
+                                       pytest.param(5, marks=pytest.mark.slow)])
 def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
     """Acceptance (#15): for several P, every client's trained factor, head, loss and step count equal a plain loop
     over that client's own batches; client 1 holds no data (0 steps: it returns the server's parameters)."""
@@ -168,6 +169,7 @@ def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
     np.testing.assert_array_equal(got["head"]["w"][1], head["w"])  # the empty client is the server's model
 
 
+@pytest.mark.slow
 def test_loop_buffers_change_nothing(setup64):
     """Longer loop buffers and more client slots (the run-wide shapes) leave every output bit-identical: padding
     steps are never executed."""

@@ -25,6 +25,7 @@ def _expected(setup, items, task_classes):
     return {k: F32 * size[k] for k in items}
 
 
+@pytest.mark.slow
 def test_engine_ledger_counts_the_exchanged_arrays():
     setup = tiny_setup()
     assert setup.config.alpha_backbone == 0 and setup.config.alpha_head > 0

@@ -66,6 +66,7 @@ def test_memory_plan_fits_the_budget():
     assert "exceeds the budget" in tiny.table()
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
     """Acceptance: the run sharded over 8 host devices (8 lanes) gives the single-device results (1 lane; per-client
     losses too; float64 runs, see tests/_scale_worker.py), and the server merge on client-sharded inputs equals the
@@ -84,6 +85,7 @@ def test_eight_devices_match_one_device(tmp_path):
     assert len(one["client_loss"][0]) == 8
 
 
+@pytest.mark.slow
 def test_hundred_clients_two_rounds(tmp_path):
     """Acceptance: 100 clients × 2 rounds (2 tasks) of the tiny config in one process (automatic lanes)."""
     c = tiny_config(num_clients=100, **{"data.min_samples": 1, "data.beta": 5.0})
@@ -96,14 +98,17 @@ def test_hundred_clients_two_rounds(tmp_path):
     assert results["accuracy_matrix"][0][0] > 0.5  # chance 0.5 on 2 classes: it learned
 
 
+@pytest.mark.slow
 def test_bench_clients_smoke():
     sys.path.insert(0, os.path.join(REPO, "experiments"))
     import bench_clients
     out = bench_clients.run_benchmark(quick=True, betas=[0.1])
     modes = {r["mode"]: r for r in out["rows"]}
-    assert set(modes) == {"padded vmap", "lanes (P = 1, auto)", "sequential loop"}
-    padded, lanes = modes["padded vmap"], modes["lanes (P = 1, auto)"]
+    task_padded = "padded vmap (task's largest)"
+    assert set(modes) == {bench_clients.PADDED_RUN, task_padded, "lanes (P = 1, auto)", "sequential loop"}
+    before, padded, lanes = modes[bench_clients.PADDED_RUN], modes[task_padded], modes["lanes (P = 1, auto)"]
     assert padded["clients"] == 10 and lanes["train_utilization"] == 1.0 > padded["train_utilization"]
     assert padded["lane_steps_run"] == 10 * padded["max_steps"] and lanes["lane_steps_run"] == lanes["sum_steps"]
+    assert before["lane_steps_run"] >= padded["lane_steps_run"] and before["speedup_vs_padded"] == 1.0
     assert all(r["wall_s"] > 0 and r["client_steps_per_s"] > 0 for r in out["rows"])
-    assert "| padded vmap |" in out["markdown"]
+    assert f"| {task_padded} |" in out["markdown"]
