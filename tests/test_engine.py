@@ -45,6 +45,7 @@ def test_only_the_phase_factor_and_task_rows_train(setup):
     assert not np.allclose(w[:, rows], state["head"]["w"][rows])
 
 
+@pytest.mark.slow
 def test_lorm_round_with_identical_clients_returns_their_factor(setup):
     """Every client holds the same data and trained the same factor → the merge returns that factor and head."""
     c = setup.config

@@ -326,7 +326,8 @@ def _layer_stack(rng, kinds, K=3, r=2, d=12, d_out=5):
             as_(rng.normal(size=(L, K, d_out, d))), as_(np.stack(grams)), max(conds))
 
 
-@pytest.mark.parametrize("kinds", [pytest.param(("ok",) * 4, marks=pytest.mark.slow), ("singular",) * 3,
+@pytest.mark.parametrize("kinds", [pytest.param(("ok",) * 4, marks=pytest.mark.slow),
+                                   pytest.param(("singular",) * 3, marks=pytest.mark.slow),
                                    pytest.param(("ok", "singular", "ok", "singular", "ok"), marks=pytest.mark.slow)])
 def test_vmapped_merges_equal_unbatched(kinds):
     """jit(vmap(merge)) over a stack of layers = the merge of each layer alone, for healthy and singular Grams.

@@ -235,6 +235,7 @@ def test_round_with_no_finite_client_keeps_the_server_model(small_setup, caplog)
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_gram_health_reports_singular_and_ill_conditioned_grams():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)).astype(np.float32)
