@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lorm_jax import cli  # noqa: E402
 from lorm_jax import config as config_lib  # noqa: E402
 from lorm_jax import continual  # noqa: E402
 from lorm_jax import methods as methods_lib  # noqa: E402
@@ -291,9 +292,7 @@ def main(argv=None) -> str:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     config = config_lib.load(args.config, overrides)
     config_lib.validate(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.configure_logging()
     name = os.path.splitext(os.path.basename(args.config.split(":", 1)[0]))[0]
     out = args.out or os.path.join("runs", "compare", name)
     table = compare(config, args.methods, args.betas, args.seeds, out, title=name, progress=args.progress,
@@ -326,5 +325,4 @@ def _ints(text: str) -> list[int]:
 
 
 if __name__ == "__main__":
-    from lorm_jax import cli
     sys.exit(cli.main(["lorm-jax", "compare", *sys.argv[1:]]))

@@ -76,9 +76,7 @@ def run_main(argv: list[str]) -> int:
     distributed.initialize(launch)  # before any device is touched
     _check_workdir(args.workdir, config)
     from lorm_jax import continual
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     workdir = args.workdir
     with distributed.exit_on_lost_peer(launch, workdir):  # a lost peer: one clear line and exit 75, not a hang
         results = continual.run(config, workdir, progress=args.progress)
@@ -87,6 +85,14 @@ def run_main(argv: list[str]) -> int:
           f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "
           f"{os.path.join(workdir, 'accuracy_vs_task.png')}")
     return 0
+
+
+def configure_logging() -> None:
+    """INFO lines of lorm_jax (plan, schedule, rounds, resume) on stderr; absl / jax / orbax only from WARNING.
+    ``force``: a root handler installed during some import would otherwise make this a no-op."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _check_workdir(workdir: str, config) -> None:
