@@ -61,8 +61,11 @@ SINGULAR_PIVOT = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-12}
 # Inverse-iteration steps behind λ̂_min: the start vector's weight on the smallest eigenvector is multiplied by
 # (λ_2 / λ_min) per step, so 3 steps resolve a singular or badly conditioned direction from a ~1/√d start.
 INVERSE_ITERATIONS = 3
-# On CPU a stack of at most this many systems (under vmap) is solved unrolled, longer ones in a lax.map loop.
+# On CPU a stack of at most this many systems (under vmap) of size d ≥ CPU_UNROLL_MIN_DIM is solved unrolled; longer
+# stacks and small systems (e.g. LoRM's r×r B-merge systems, where compiling 48 unrolled solves took ~6 s and running
+# them a few ms) run in one lax.map loop.
 CPU_UNROLL = 64
+CPU_UNROLL_MIN_DIM = 128
 # Relative eigenvalue cut-off of the pseudo-inverse fallback (numpy/torch pinv use max(M,N)·eps; float64 torch 1e-15).
 PINV_RCOND = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): 1e-13}
 
@@ -170,15 +173,16 @@ def _solve_one(e: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _solve_stack_looped(e: jax.Array, g: jax.Array) -> jax.Array:
-    """The stack one system at a time: the CPU path. Up to ``CPU_UNROLL`` systems are unrolled (independent ops XLA
-    may overlap, as for layers merged one by one), longer stacks run under ``lax.map``.
+    """The stack one system at a time: the CPU path. Up to ``CPU_UNROLL`` systems of size d ≥ ``CPU_UNROLL_MIN_DIM``
+    are unrolled (independent ops XLA may overlap, as for layers merged one by one); longer stacks and small systems,
+    whose solves cost less than compiling their unrolled copies, run under ``lax.map``.
 
     jaxlib's batched CPU LAPACK kernels split their batch over XLA's intra-op thread pool and block a pool thread
     until the pieces finish; two of them running at once (independent layer groups of one program) can take every
     thread of a small pool and deadlock (seen with 2 threads on the 2-core machine). Unbatched calls never wait on the
     pool, and a CPU gains nothing from batching d×d factorisations anyway.
     """
-    if e.shape[0] <= CPU_UNROLL:
+    if e.shape[0] <= CPU_UNROLL and g.shape[-1] >= CPU_UNROLL_MIN_DIM:
         return jnp.stack([_solve_one(e[i], g[i]) for i in range(e.shape[0])])
     return jax.lax.map(lambda args: _solve_one(*args), (e, g))
 

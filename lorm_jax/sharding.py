@@ -60,7 +60,9 @@ def _on(x, sharding: NamedSharding) -> bool:
 
 def _put(x, sharding: NamedSharding):
     if _on(x, sharding):
-        return x
+        # The same placement, but jit keys its cache on the sharding object too: a single-device array would compile
+        # the program a second time next to its NamedSharding twin. Re-labelling it copies nothing.
+        return x if x.sharding == sharding else jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.jit(lambda y: y, out_shardings=sharding)(x)  # a global array on another layout: reshard on device
     host = np.asarray(x)

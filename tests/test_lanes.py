@@ -221,7 +221,9 @@ def reference_grams(setup, params, client_lora, keys, scale):
     return out
 
 
-@pytest.mark.parametrize("kind,alpha", [("image", 0.0), ("image", 0.5), ("text", 0.0), ("text", 0.5)])
+# the fast lane runs the shrunk-full-Gram cases; the diagonal ones (alpha = 0) are in the full suite
+@pytest.mark.parametrize("kind,alpha", [pytest.param("image", 0.0, marks=pytest.mark.slow), ("image", 0.5),
+                                        pytest.param("text", 0.0, marks=pytest.mark.slow), ("text", 0.5)])
 def test_packed_grams_equal_per_client_grams(kind, alpha):
     """Acceptance (#15): the packed pass (clients mixed in batches, LoRA gathered per block, segment sums) gives each
     client the Grams of its own examples alone: diagonal and full (shrunk) Grams, images with train augmentation

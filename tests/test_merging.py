@@ -99,7 +99,7 @@ def objective_B(b, a, b_k, eff):
     return sum(np.sum((zk @ (b @ a).T - zk @ (bk @ a).T) ** 2) for zk, bk in zip(eff, b_k))
 
 
-@pytest.mark.parametrize("kind", ["full", "diag"])
+@pytest.mark.parametrize("kind", [pytest.param("full", marks=pytest.mark.slow), "diag"])
 def test_merged_factors_minimise_response_matching(kind):
     """Perturbing the merged factor in any direction never lowers Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖² (or the B analogue)."""
     rng = np.random.default_rng(11)

@@ -36,7 +36,9 @@ def _finite(tree):
     return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", [n for n in methods.NAMES if n != "centralized"])
+# the fast lane runs LoRM; the baselines share its code paths and run in the full suite
+@pytest.mark.parametrize("name", [n if n == "lorm" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in methods.NAMES if n != "centralized"])
 def test_every_method_runs_rounds_and_a_task(setup, name):
     s = with_method(setup, name)
     state = continual.initial_state(s)

@@ -224,6 +224,7 @@ def test_client_with_nan_data_is_left_out_of_the_merge(small_setup, caplog, tmp_
     checkpointing.save(str(tmp_path), 1, new)  # the merged state is finite, so it can be checkpointed
 
 
+@pytest.mark.slow  # its own compiled setup; the fast lane has the NaN-client merges of test_methods
 def test_round_with_no_finite_client_keeps_the_server_model(small_setup, caplog):
     state = continual.initial_state(small_setup)
     poisoned = _float_images(small_setup, nan_clients=range(small_setup.config.num_clients))
@@ -282,6 +283,7 @@ def test_strong_skew_ten_clients_completes_above_chance(tmp_path):
                 np.flatnonzero(sizes[m["task"]] == 0).tolist()
 
 
+@pytest.mark.slow  # compiles small_setup's programs (~15 s); the fast lane keeps the checkpoint and data cases
 def test_single_class_task(small_setup):
     """Task 0 has one class: its loss is 0 (one logit), nothing breaks, and it is trivially classified."""
     state = continual.initial_state(small_setup)

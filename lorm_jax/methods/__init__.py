@@ -59,14 +59,14 @@ def get(name: str, config):
 
 class Compiled:
     """``method`` with its server merges compiled by ``jax.jit``: ``merge_round`` once per trained factor and
-    ``merge_tasks`` once per task count (shapes are fixed within a run). Eager merges dispatch hundreds of small ops
+    ``merge_tasks`` once (the task count is traced; shapes are fixed within a run). Eager merges dispatch hundreds of small ops
     per round and re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on a GPU
     costs seconds of compilation per round. Every other attribute is the wrapped method's."""
 
     def __init__(self, method):
         self.method = method
         self.merge_round = jax.jit(method.merge_round, static_argnames=("factor",))
-        self.merge_tasks = jax.jit(method.merge_tasks, static_argnames=("num_tasks",))
+        self.merge_tasks = jax.jit(method.merge_tasks)
 
     def __getattr__(self, name):
         return getattr(self.method, name)

@@ -66,26 +66,40 @@ def fedavg_lora(client_lora, num_samples, trained: str) -> dict:
                 for name, x in f.items()} for p, f in client_lora.items()}
 
 
-def mean_task_deltas(past_b, past_a, num_tasks: int) -> dict:
+def _finished(num_tasks, total: int, ndim: int) -> jax.Array:
+    """``[T, 1, ...]`` mask of the first ``num_tasks`` (a Python int or traced) of ``total`` task slots."""
+    return (jnp.arange(total) < num_tasks).reshape((total,) + (1,) * (ndim - 1))
+
+
+def mean_task_deltas(past_b, past_a, num_tasks) -> dict:
     """``ΔW_eval = (1/T) Σ_{τ<T} B_τ A_τ`` per layer (the reference's ``cl_merge="individual_mean"``).
 
-    past_b {path: [T_max, d_out, r]}, past_a {path: [T_max, r, d_in]} → {path: [d_out, d_in]}.
+    past_b {path: [T_max, d_out, r]}, past_a {path: [T_max, r, d_in]} → {path: [d_out, d_in]}. ``num_tasks`` may be
+    traced: later task slots are masked to 0, so a run compiles this once.
     """
-    return {p: jnp.einsum("tor,trd->od", past_b[p][:num_tasks], past_a[p][:num_tasks],
-                          precision=jax.lax.Precision.HIGHEST) / num_tasks for p in past_b}
+    def one(b, a):
+        b = jnp.where(_finished(num_tasks, b.shape[0], b.ndim), b, 0)
+        return jnp.einsum("tor,trd->od", b, a, precision=jax.lax.Precision.HIGHEST) / num_tasks
+    return {p: one(past_b[p], past_a[p]) for p in past_b}
 
 
-def regmean_task_deltas(past_b, past_a, task_grams, num_tasks: int, dtype=jnp.float32) -> dict:
+def regmean_task_deltas(past_b, past_a, task_grams, num_tasks, dtype=jnp.float32) -> dict:
     """Cross-task RegMean ``ΔW_eval = (Σ_τ B_τ A_τ G_τ)(Σ_τ G_τ)^+`` (LORM_SPEC §8; t = 0: ``B_0 A_0``).
 
-    task_grams {path: [T_max, d_in(, d_in)]}, each ``G_τ`` summed over the clients of task τ.
+    task_grams {path: [T_max, d_in(, d_in)]}, each ``G_τ`` summed over the clients of task τ. ``num_tasks`` may be
+    traced (one compilation per run): task slots τ ≥ ``num_tasks`` are masked to 0, adding exact zeros to both sums.
     """
-    if num_tasks == 1:  # the reference keeps W0 + B_0 A_0 (equal to the merge when G_0 has full rank)
+    def first():  # the reference keeps W0 + B_0 A_0 (equal to the merge when G_0 has full rank)
         return {p: jnp.matmul(past_b[p][0], past_a[p][0], precision=jax.lax.Precision.HIGHEST) for p in past_b}
-    layers = {p: {"b": past_b[p][:num_tasks], "a": past_a[p][:num_tasks]} for p in past_b}
-    grams = {p: task_grams[p][:num_tasks] for p in past_b}
-    return merging.map_layers(lambda f, g: merging.regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers, grams,
-                              sequential=any(g.ndim == 3 for g in grams.values()))
+
+    def merged():
+        mask = lambda x: jnp.where(_finished(num_tasks, x.shape[0], x.ndim), x, 0)
+        layers = {p: {"b": mask(past_b[p]), "a": past_a[p]} for p in past_b}
+        grams = {p: mask(task_grams[p]) for p in past_b}
+        return merging.map_layers(lambda f, g: merging.regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers,
+                                  grams, sequential=any(g.ndim == 3 for g in grams.values()))
+
+    return jax.lax.cond(jnp.asarray(num_tasks) == 1, first, merged)
 
 
 def uploads(trained: str, backbone_grams: bool, head_merge: str) -> tuple[str, ...]:
