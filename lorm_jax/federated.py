@@ -250,7 +250,17 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
         return call
 
     lanes_in = (None, None, None, None, 0, None, None, None, None, None)
-    train = on_mesh(lambda num_slots: jax.vmap(functools.partial(lane_train, num_slots=num_slots), in_axes=lanes_in),
+
+    def device_lanes(*args, num_slots):
+        """This device's lanes, vmapped; a single lane (the CPU layout) runs without vmap: the loop's batching rule
+        re-traces the whole training step until the carry's batching settles (~5 s for a ViT-S, every run)."""
+        one = functools.partial(lane_train, num_slots=num_slots)
+        if args[4]["idx"].shape[0] == 1:
+            out = one(*args[:4], jax.tree.map(lambda x: x[0], args[4]), *args[5:])
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.vmap(one, in_axes=lanes_in)(*args)
+
+    train = on_mesh(lambda num_slots: functools.partial(device_lanes, num_slots=num_slots),
                     [a == 0 for a in lanes_in], c, ("num_slots",))
     grams = on_mesh(lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
                     (False, False, False, True, False, False, False), r, ("num_clients",))
