@@ -411,6 +411,23 @@ def test_batched_stack_solver_evaluates_eigh_only_for_failing_layers(monkeypatch
     np.testing.assert_allclose(healthy, looped[::2], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("d", [8, merging.CPU_UNROLL_MIN_DIM])
+def test_cpu_stack_solver_loops_small_systems_and_unrolls_large_ones(d):
+    """On CPU small systems (LoRM's r×r B merges) are solved in one rolled loop, which compiles once whatever the stack
+    length, and systems of size >= CPU_UNROLL_MIN_DIM unrolled; both give what each system alone gives, up to the
+    rounding of the same ops compiled in another program (Cholesky's backward error, amplified by cond(G))."""
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(3, 2 * d, d))
+    gram = jnp.asarray(np.einsum("lni,lnj->lij", x, x), jnp.float32)
+    e = jnp.asarray(rng.normal(size=(3, 4, d)), jnp.float32)
+    eqns = jax.make_jaxpr(merging._solve_stack_looped)(e, gram).jaxpr.eqns
+    assert any(q.primitive.name == "scan" for q in eqns) == (d < merging.CPU_UNROLL_MIN_DIM)
+    looped = np.asarray(jax.jit(merging._solve_stack_looped)(e, gram))
+    alone = np.stack([np.asarray(jax.jit(merging._solve_one)(e[i], gram[i])) for i in range(3)])
+    np.testing.assert_allclose(looped, alone, rtol=0, atol=10 * d * EPS32 * np.max(np.abs(alone)) * float(
+        max(np.linalg.cond(np.asarray(g, np.float64)) for g in gram)))
+
+
 def _unconditional(jaxpr, primitive: str) -> bool:
     """Whether ``primitive`` is reached in ``jaxpr`` without passing through a ``cond`` (sub-jaxprs searched)."""
     for eqn in jaxpr.eqns:

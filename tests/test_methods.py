@@ -201,6 +201,31 @@ def test_a_nan_client_with_zero_weight_drops_out(name, factor):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_task_merge_ignores_unfinished_slots_and_compiles_once(full):
+    """The cross-task merge reads only the first ``num_tasks`` slots (NaN in the others changes nothing: it equals the
+    merge of the sliced arrays exactly, being the same sums plus exact zeros), and a jitted merge with a traced task
+    count compiles once for every count."""
+    rng = np.random.default_rng(3)
+    T, d_out, r, d_in = 4, 6, 2, 5
+    past_b = {"l0": jnp.asarray(rng.normal(size=(T, d_out, r)), jnp.float32)}
+    past_a = {"l0": jnp.asarray(rng.normal(size=(T, r, d_in)), jnp.float32)}
+    x = rng.normal(size=(T, 30, d_in))
+    grams = np.einsum("tni,tnj->tij", x, x) if full else np.einsum("tni,tni->ti", x, x)
+    task_grams = {"l0": jnp.asarray(grams, jnp.float32)}
+    merge = jax.jit(lambda *args: common.regmean_task_deltas(*args))  # its own cache
+    for n in (1, 2, 3):
+        garbage = lambda t: {"l0": t["l0"].at[n:].set(jnp.nan)}
+        got = merge(garbage(past_b), garbage(past_a), garbage(task_grams), n)["l0"]
+        if n == 1:  # the reference keeps B_0 A_0
+            want = past_b["l0"][0] @ past_a["l0"][0]
+        else:
+            want = merging.regmean_lowrank(past_b["l0"][:n], past_a["l0"][:n], task_grams["l0"][:n])
+        np.testing.assert_allclose(got, want, rtol=0, atol=float(gamma(4 * n * d_in)) * float(jnp.max(jnp.abs(want))))
+        assert np.all(np.isfinite(got))
+    assert merge._cache_size() == 1
+
+
 def test_head_merges_and_task_means():
     lora, grams, heads, head_grams, server, rows = _round_inputs(5)
     n = jnp.asarray([1.0, 2.0, 3.0])

@@ -40,6 +40,18 @@ def test_choose_lanes():
     assert federated.choose_lanes(steps, devices=1, platform="gpu", max_lanes=1, requested=5) == 5  # as asked
 
 
+def test_replicate_gives_one_sharding_for_one_placement():
+    """A single-device array already where a 1-device mesh wants it comes back with the mesh's NamedSharding (same
+    buffer): jit keys its cache on the sharding, so a mixed call would compile a program a second time."""
+    mesh = sharding.make_mesh(1)
+    x = jnp.arange(3.0)
+    y = sharding.replicate({"x": x}, mesh)["x"]
+    assert y.sharding == sharding.replicated(mesh) and y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
+    f = jax.jit(lambda v: v * 2)
+    f(y), f(sharding.replicate(jnp.arange(3.0) + 1, mesh))
+    assert f._cache_size() == 1
+
+
 def test_mesh_errors_name_the_key():
     assert sharding.mesh_size(sharding.make_mesh(0)) == jax.device_count()
     with pytest.raises(ValueError, match="mesh_clients"):

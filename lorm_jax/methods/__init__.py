@@ -59,9 +59,9 @@ def get(name: str, config):
 
 class Compiled:
     """``method`` with its server merges compiled by ``jax.jit``: ``merge_round`` once per trained factor and
-    ``merge_tasks`` once (the task count is traced; shapes are fixed within a run). Eager merges dispatch hundreds of small ops
-    per round and re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on a GPU
-    costs seconds of compilation per round. Every other attribute is the wrapped method's."""
+    ``merge_tasks`` once (the task count is traced; shapes are fixed within a run). Eager merges dispatch hundreds of
+    small ops per round and re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on
+    a GPU costs seconds of compilation per round. Every other attribute is the wrapped method's."""
 
     def __init__(self, method):
         self.method = method

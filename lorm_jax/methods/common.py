@@ -66,9 +66,10 @@ def fedavg_lora(client_lora, num_samples, trained: str) -> dict:
                 for name, x in f.items()} for p, f in client_lora.items()}
 
 
-def _finished(num_tasks, total: int, ndim: int) -> jax.Array:
-    """``[T, 1, ...]`` mask of the first ``num_tasks`` (a Python int or traced) of ``total`` task slots."""
-    return (jnp.arange(total) < num_tasks).reshape((total,) + (1,) * (ndim - 1))
+def _finished_only(x: jax.Array, num_tasks) -> jax.Array:
+    """``x`` [T, ...] with the task slots from ``num_tasks`` on (a Python int or traced) set to 0."""
+    keep = jnp.arange(x.shape[0]) < num_tasks
+    return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
 
 def mean_task_deltas(past_b, past_a, num_tasks) -> dict:
@@ -77,10 +78,8 @@ def mean_task_deltas(past_b, past_a, num_tasks) -> dict:
     past_b {path: [T_max, d_out, r]}, past_a {path: [T_max, r, d_in]} → {path: [d_out, d_in]}. ``num_tasks`` may be
     traced: later task slots are masked to 0, so a run compiles this once.
     """
-    def one(b, a):
-        b = jnp.where(_finished(num_tasks, b.shape[0], b.ndim), b, 0)
-        return jnp.einsum("tor,trd->od", b, a, precision=jax.lax.Precision.HIGHEST) / num_tasks
-    return {p: one(past_b[p], past_a[p]) for p in past_b}
+    return {p: jnp.einsum("tor,trd->od", _finished_only(past_b[p], num_tasks), _finished_only(past_a[p], num_tasks),
+                          precision=jax.lax.Precision.HIGHEST) / num_tasks for p in past_b}
 
 
 def regmean_task_deltas(past_b, past_a, task_grams, num_tasks, dtype=jnp.float32) -> dict:
@@ -93,9 +92,9 @@ def regmean_task_deltas(past_b, past_a, task_grams, num_tasks, dtype=jnp.float32
         return {p: jnp.matmul(past_b[p][0], past_a[p][0], precision=jax.lax.Precision.HIGHEST) for p in past_b}
 
     def merged():
-        mask = lambda x: jnp.where(_finished(num_tasks, x.shape[0], x.ndim), x, 0)
-        layers = {p: {"b": mask(past_b[p]), "a": past_a[p]} for p in past_b}
-        grams = {p: mask(task_grams[p]) for p in past_b}
+        layers = {p: {"b": _finished_only(past_b[p], num_tasks), "a": _finished_only(past_a[p], num_tasks)}
+                  for p in past_b}
+        grams = {p: _finished_only(task_grams[p], num_tasks) for p in past_b}
         return merging.map_layers(lambda f, g: merging.regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers,
                                   grams, sequential=any(g.ndim == 3 for g in grams.values()))
 
