@@ -12,11 +12,9 @@ restored (two are kept). A state with a non-finite float leaf is never written.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-from typing import Callable
 
 import jax
 import numpy as np
@@ -49,46 +47,17 @@ def remove_partial_steps(workdir: str) -> list[str]:
     return partial
 
 
-def save(workdir: str, step: int, state, *, before_commit: Callable[[], None] | None = None) -> None:
-    """Write ``state`` as checkpoint ``step`` (refuses a state with a non-finite float leaf).
-
-    ``before_commit`` (a test hook) is called once every file of the step is written, just before the atomic rename
-    that commits it: a crash there is a crash mid-checkpoint.
-    """
+def save(workdir: str, step: int, state) -> None:
+    """Write ``state`` as checkpoint ``step`` (refuses a state with a non-finite float leaf)."""
     bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(state)
            if np.issubdtype(np.asarray(x).dtype, np.floating) and not _finite_or_nan_matrix(k, x)]
     if bad:
         raise FloatingPointError(f"refusing to write checkpoint {step} in {workdir}: the state has non-finite values "
                                  f"(leaves {bad[:5]}); the previous checkpoint is kept")
     state = jax.tree.map(np.asarray, state)
-    with _manager(workdir) as mngr, _hook_commit(before_commit):
+    with _manager(workdir) as mngr:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
-
-
-@contextlib.contextmanager
-def _hook_commit(callback: Callable[[], None] | None):
-    """Call ``callback`` right before orbax renames a finished temporary step directory to its final name."""
-    if callback is None:
-        yield
-        return
-    try:
-        from orbax.checkpoint._src.path import async_path
-    except ImportError:  # another orbax layout: fire before the save instead (nothing of the step is on disk yet)
-        callback()
-        yield
-        return
-    original = async_path.rename
-
-    async def rename(src, dst, *args, **kwargs):
-        callback()
-        return await original(src, dst, *args, **kwargs)
-
-    async_path.rename = rename
-    try:
-        yield
-    finally:
-        async_path.rename = original
 
 
 def _finite_or_nan_matrix(path, x) -> bool:

@@ -60,7 +60,8 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_main(argv: list[str]) -> int:
+def run_main(argv: list[str], hooks=None) -> int:
+    """``lorm-jax run``; ``hooks``: :class:`lorm_jax.continual.Hooks` of the run (e.g. fault injection in tests)."""
     parser = _run_parser()
     args, rest = parser.parse_known_args(argv)
     overrides, stray = config_lib.split_overrides(rest)
@@ -79,7 +80,8 @@ def run_main(argv: list[str]) -> int:
     configure_logging()
     workdir = args.workdir
     with distributed.exit_on_lost_peer(launch, workdir):  # a lost peer: one clear line and exit 75, not a hang
-        results = continual.run(config, workdir, progress=args.progress)
+        results = continual.run(config, workdir, progress=args.progress,
+                                **({} if hooks is None else {"hooks": hooks}))
     print(_summary_table(results, workdir))
     print(f"\nresults: {os.path.join(workdir, 'results.json')}\nper-round metrics: "
           f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "
@@ -105,9 +107,9 @@ def _check_workdir(workdir: str, config) -> None:
         raise config_lib.InputError(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise config_lib.InputError(f"--workdir {workdir}: not writable")
-    from lorm_jax import continual
+    from lorm_jax import workdir as workdir_lib
     try:
-        continual._check_workdir_config(workdir, config, write=False)
+        workdir_lib.check_config(workdir, config, write=False)
     except ValueError as e:  # it raises only for a workdir that holds a run of a different config
         raise config_lib.InputError(str(e)) from e
 
@@ -270,8 +272,9 @@ def _argparse_errors_raise(verb: str):
         argparse.ArgumentParser.error = saved
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``lorm-jax VERB ...`` (``argv[0]`` is the program name); returns the exit status."""
+def main(argv: list[str] | None = None, *, hooks=None) -> int:
+    """``lorm-jax VERB ...`` (``argv[0]`` is the program name); returns the exit status. ``hooks``
+    (:class:`lorm_jax.continual.Hooks`) go to the ``run`` verb's experiment."""
     argv = list(sys.argv if argv is None else argv)[1:]
     verbose = "--verbose" in argv or os.environ.get("LORM_JAX_VERBOSE", "") not in ("", "0")
     argv = [a for a in argv if a != "--verbose"]
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb not in VERBS:
             raise config_lib.InputError(f"unknown verb {verb!r}; one of {', '.join(VERBS)} (see lorm-jax --help)")
         with _argparse_errors_raise(verb):
-            status = VERBS[verb].main(rest)
+            status = VERBS[verb].main(rest) if hooks is None else run_main(rest, hooks)
     except Exception as e:
         if not isinstance(e, _input_error_types()):
             raise

@@ -214,7 +214,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     Checks unknown keys (at every level except the free-form ``*.options``), types against :func:`base_config`'s
     defaults, value ranges and enumerations. Checks that need this machine's files (:func:`validate_paths`), the dataset
-    (:func:`validate_tasks`) or the backbone (:func:`validate_rank`) run in ``continual.build_setup``.
+    (:func:`validate_tasks`) or the backbone (:func:`validate_rank`) run in ``plan.build_setup``.
     """
     _check_keys_and_types(c, base_config())
     positive_ints = ["num_clients", "rounds", "epochs", "batch_size", "rank", "gram_passes", "eval_batch_size",

@@ -42,69 +42,9 @@ import numpy as np
 import optax
 
 from lorm_jax import lora as lora_lib
-from lorm_jax import merging
-from lorm_jax import sharding
+from lorm_jax import merging, sharding, trees
+from lorm_jax.objective import head_logits, make_optimizer, masked_cross_entropy
 from lorm_jax.backbones.common import GramSpec, layer_gram
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def head_logits(head: dict, features: jax.Array) -> jax.Array:
-    """``f Wᵀ + b``: features [B, F] → logits [B, C]."""
-    return jnp.matmul(features, head["w"].T, precision=HIGHEST) + head["b"]
-
-
-HEAD_INITS = ("trunc_2sigma", "reference")
-
-
-def init_head(key: jax.Array, num_classes: int, feature_dim: int, kind: str = "trunc_2sigma") -> dict:
-    """A fresh linear head ``{"w": [C, F], "b": [C]}``: ``W = 0.02·z``, ``b = 0``, with ``z`` drawn by ``kind``.
-
-    * ``trunc_2sigma`` (default, kept so earlier results reproduce): ``z`` a standard normal truncated to ±2, so
-      ``|W| ≤ 0.04`` and ``std(W) = 0.8796·0.02 ≈ 0.0176``. This is *not* timm's init.
-    * ``reference``: what the reference gets from timm's ``trunc_normal_(std=0.02)``, whose cut ``a = -2, b = 2`` is
-      in absolute units (timm/layers/weight_init.py), i.e. at ±100σ: ``z ~ N(0, 1)``. A float32 normal draw never
-      reaches that cut (|z| < 5.5), so none is applied.
-    """
-    shape = (num_classes, feature_dim)
-    if kind == "trunc_2sigma":
-        z = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-    elif kind == "reference":
-        z = jax.random.normal(key, shape, jnp.float32)
-    else:
-        raise ValueError(f"head init {kind!r} is invalid: one of {list(HEAD_INITS)}")
-    return {"w": 0.02 * z, "b": jnp.zeros((num_classes,), jnp.float32)}
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array, weights: jax.Array):
-    """Mean CE over real examples with logits outside ``class_mask`` [C] removed (the reference slices them away).
-
-    Masked-out classes get exactly zero probability and gradient, so head rows of other tasks never move.
-    """
-    logits = jnp.where(class_mask, logits, -jnp.inf)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
-    nll = jnp.where(weights > 0, nll, 0.0)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def make_optimizer(lr_factor, lr_head, weight_decay: float) -> optax.GradientTransformation:
-    """AdamW with two parameter groups, as the reference builds it anew every round: {LoRA factor: lr_factor, head: lr_head}.
-
-    ``lr_factor`` may be traced (it depends on which factor trains), so building this inside a jitted function never
-    retraces when the phase flips.
-    """
-    def labels(params):
-        return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
-
-    return optax.multi_transform(
-        {"lora": optax.adamw(lr_factor, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay),
-         "head": optax.adamw(lr_head, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)},
-        labels)
-
-
-def _select(active, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-
 
 def example_keys(key: jax.Array, step, batch: int, position=None) -> jax.Array:
     """Per-example augmentation keys of step ``step`` of a client's stream with key ``key``:
@@ -115,10 +55,10 @@ def example_keys(key: jax.Array, step, batch: int, position=None) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClientFunctions:
-    """The jitted, sharded client-side programs of one experiment (built once by :func:`build_client_functions`).
+class ClientPrograms:
+    """The jitted, sharded client-side programs of one experiment (built once by :func:`build_client_programs`).
 
-    train(frozen, data, lora0, head0, lanes, keys, num_steps, phase, lr_factor, class_mask, *, num_slots)
+    train(frozen, data, lora0, head0, lanes, keys, num_steps, factor_on, lr_factor, class_mask, *, num_slots)
         -> {"lora", "head": [P, M, ...], "loss", "num_steps", "finite": [P, M]}    (see :func:`train_clients`)
     grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, *, num_clients)
         -> (grams {path: [K, ...]}, head Grams [K, ...])                           (see :func:`client_grams`)
@@ -133,10 +73,10 @@ class ClientFunctions:
     gram_block: int = 1      # examples per client-pure block of the packed Gram pass
 
 
-def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weight_decay: float,
+def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight_decay: float,
                            backbone_gram: str, alpha_backbone: float, head_gram: str, alpha_head: float,
                            augment_grams: bool = True, gram_stream_batch: int = 16, gram_block: int = 1,
-                           mesh=None) -> ClientFunctions:
+                           mesh=None) -> ClientPrograms:
     """Compile-once client programs for a backbone.
 
     ``prepare(data, idx [N], keys [N] or None, train: bool) -> (model inputs, labels)`` gathers examples from the
@@ -154,14 +94,14 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
         features, _ = backbone.apply(frozen, params["lora"], inputs)
         return masked_cross_entropy(head_logits(params["head"], features), labels, class_mask, weights)
 
-    def lane_train(frozen, data, lora0, head0, lane, keys, num_steps, phase, lr_factor, class_mask, num_slots):
+    def lane_train(frozen, data, lora0, head0, lane, keys, num_steps, factor_on, lr_factor, class_mask, num_slots):
         """One lane: its clients back to back, ``num_steps`` steps of ``lane`` ([T, ...] arrays, T ≥ num_steps).
 
-        ``phase`` [2] = (train A, train B) as 0/1 floats: which LoRA factors move (the head always trains).
+        ``factor_on`` [2] = (A trains, B trains) as 0/1 floats: which LoRA factors move (the head always trains).
         Returns the ``num_slots`` client slots of the lane: trained params, mean loss over real steps, step count.
         """
         server = jax.tree.map(lambda x: x.astype(param_dtype), {"lora": lora0, "head": head0})
-        phase = lora_lib.phase_mask(lora0, phase[0], phase[1])
+        on = lora_lib.factor_mask(lora0, factor_on[0], factor_on[1])
         tx = make_optimizer(lr_factor, lr_head, weight_decay)
         fresh = tx.init(server)
         dtype = param_dtype
@@ -170,20 +110,20 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
             params, opt_state, out, loss_sum, count = carry
             idx, mask, client, s, first, slot = (jax.lax.dynamic_index_in_dim(lane[n], t, keepdims=False)
                                                  for n in ("idx", "mask", "client", "step", "first", "slot"))
-            params, opt_state = _select(first, server, params), _select(first, fresh, opt_state)
+            params, opt_state = trees.select(first, server, params), trees.select(first, fresh, opt_state)
             inputs, labels = prepare(data, idx, example_keys(keys[client], s, idx.shape[0]), True)
             loss, grads = jax.value_and_grad(loss_fn)(params, frozen, inputs, labels, mask.astype(dtype), class_mask)
-            grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], phase), "head": grads["head"]}
+            grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], on), "head": grads["head"]}
             updates, new_opt_state = tx.update(grads, opt_state, params)
-            updates = {"lora": jax.tree.map(jnp.multiply, updates["lora"], phase), "head": updates["head"]}
+            updates = {"lora": jax.tree.map(jnp.multiply, updates["lora"], on), "head": updates["head"]}
             active = jnp.any(mask)
-            params = _select(active, optax.apply_updates(params, updates), params)
-            opt_state = _select(active, new_opt_state, opt_state)
+            params = trees.select(active, optax.apply_updates(params, updates), params)
+            opt_state = trees.select(active, new_opt_state, opt_state)
             out = jax.tree.map(lambda o, p: o.at[slot].set(p), out, params)
             return (params, opt_state, out, loss_sum.at[slot].add(jnp.where(active, loss, 0.0)),
                     count.at[slot].add(active.astype(jnp.int32)))
 
-        init = (server, fresh, stack_clients(server, num_slots), jnp.zeros(num_slots, dtype),
+        init = (server, fresh, trees.stack_clients(server, num_slots), jnp.zeros(num_slots, dtype),
                 jnp.zeros(num_slots, jnp.int32))
         _, _, out, loss_sum, count = jax.lax.fori_loop(0, num_steps, step, init)
         finite = jnp.stack([jnp.all(jnp.isfinite(x.reshape(num_slots, -1)), axis=1) for x in jax.tree.leaves(out)])
@@ -268,7 +208,7 @@ def build_client_functions(backbone, prepare: Callable, *, lr_head: float, weigh
                        (False, False, False, True, False, False), r, ("num_segments",))
     by_client = jax.jit(lambda out, lane_of, slot_of: jax.tree.map(lambda x: x[lane_of, slot_of], out),
                         out_shardings=sharding.replicated(mesh))
-    return ClientFunctions(train=train, grams=grams, evaluate=evaluate, by_client=by_client, mesh=mesh,
+    return ClientPrograms(train=train, grams=grams, evaluate=evaluate, by_client=by_client, mesh=mesh,
                            gram_block=gram_block)
 
 
@@ -282,185 +222,41 @@ def _zero_grams(backbone, backbone_gram: str, head_gram: str, num_clients: int, 
 # ----------------------------------------------------------------------------------------------------------------------
 # Host side: lay out, place, call, and bring the outputs back in client order
 
-def train_clients(fns: ClientFunctions, frozen, data, lora0, head0, lanes: dict, keys, phase, lr_factor,
+def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
                   class_mask) -> dict:
     """Local training of every client laid out in ``lanes`` (:func:`lorm_jax.data.batching.lane_schedule`) from the
-    server's ``lora0`` / ``head0``: ``{"lora", "head": [K, ...], "loss", "num_steps", "finite": [K]}`` in client
-    order, replicated on every device (and process)."""
-    mesh = fns.mesh
+    server's ``lora0`` / ``head0``, the LoRA ``factor`` ("A", "B", "AB" or "" for head only) and the head moving:
+    ``{"lora", "head": [K, ...], "loss", "num_steps", "finite": [K]}`` in client order, replicated on every device
+    (and process)."""
+    mesh = programs.mesh
     steps = sharding.put_clients({n: lanes[n] for n in ("idx", "mask", "client", "step", "first", "slot")}, mesh)
     shared = sharding.replicate((frozen, data, lora0, head0, keys), mesh)
-    out = fns.train(*shared[:4], steps, shared[4], jnp.int32(lanes["num_steps"]), jnp.asarray(phase, jnp.float32),
-                    jnp.float32(lr_factor), jnp.asarray(class_mask), num_slots=int(lanes["num_slots"]))
-    return fns.by_client(out, jnp.asarray(lanes["lane_of"]), jnp.asarray(lanes["slot_of"]))
+    factor_on = jnp.asarray([float("A" in factor), float("B" in factor)], jnp.float32)  # traced: one program
+    out = programs.train(*shared[:4], steps, shared[4], jnp.int32(lanes["num_steps"]), factor_on,
+                         jnp.float32(lr_factor), jnp.asarray(class_mask), num_slots=int(lanes["num_slots"]))
+    return programs.by_client(out, jnp.asarray(lanes["lane_of"]), jnp.asarray(lanes["slot_of"]))
 
 
-def client_grams(fns: ClientFunctions, gram_params, data, client_lora, packed: dict, keys, lora_scale) -> tuple:
+def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale) -> tuple:
     """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass
     (:func:`lorm_jax.data.batching.packed_schedule`) through ``gram_params`` with each client's LoRA
     (``client_lora`` client-stacked [K, ...], B scaled by ``lora_scale``; or None), replicated."""
-    mesh = fns.mesh
+    mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
     shared = sharding.replicate((gram_params, data, client_lora, keys), mesh)
-    return fns.grams(*shared[:3], arrays, shared[3], jnp.int32(packed["num_batches"]), jnp.float32(lora_scale),
+    return programs.grams(*shared[:3], arrays, shared[3], jnp.int32(packed["num_batches"]), jnp.float32(lora_scale),
                      num_clients=int(keys.shape[0]))
 
 
-def count_correct(fns: ClientFunctions, params, head, data, packed: dict, class_mask, num_segments: int) -> np.ndarray:
+def count_correct(programs: ClientPrograms, params, head, data, packed: dict, class_mask, num_segments: int) -> np.ndarray:
     """Correct top-1 predictions (logits outside ``class_mask`` removed) per segment of a packed pass over test
     examples, e.g. per task: ``[num_segments]`` on the host."""
-    mesh = fns.mesh
+    mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
     shared = sharding.replicate((params, head, data), mesh)
-    out = fns.evaluate(*shared, arrays, jnp.int32(packed["num_batches"]), jnp.asarray(class_mask),
+    out = programs.evaluate(*shared, arrays, jnp.int32(packed["num_batches"]), jnp.asarray(class_mask),
                        num_segments=num_segments)
     return np.asarray(sharding.gather(out))
 
 
 PACKED_ARRAYS = ("idx", "mask", "step", "position", "block_client")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Memory planner: how many lanes fit, and how many are worth running
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPlan:
-    """Estimated bytes of one training lane and of the packed Gram pass, and the lanes they allow on each device."""
-    lora_bytes: int          # trainable LoRA factors + head of one client
-    optimizer_bytes: int     # AdamW moments, gradients, updates and the step's select copies (≈ 5× the params)
-    activation_bytes: int    # one local step at the training batch: every forward intermediate (an upper bound)
-    gram_full_bytes: int     # Gram sums of one client with full [d, d] Grams (every LoRA layer + head)
-    gram_diag_bytes: int     # … with diagonal [d] Grams
-    gram_bytes: int          # … in the configured layout
-    lane_bytes: int          # one training lane: its client's params, optimizer state, activations, K output slots
-    gram_pass_bytes: int     # the packed Gram pass: K clients' Gram sums (accumulator + update) + one batch
-    shared_bytes: int        # replicated on every device: backbone params + task data
-    budget_bytes: int        # usable bytes per device
-    devices: int
-    num_clients: int
-    max_lanes: int           # lanes that fit (all devices together, a multiple of the mesh size)
-
-    def table(self) -> str:
-        mb = lambda b: f"{b / 2**20:10.2f} MiB"
-        rows = [("LoRA + head", self.lora_bytes), ("optimizer state + grads", self.optimizer_bytes),
-                ("activations per batch", self.activation_bytes), ("Grams (full)", self.gram_full_bytes),
-                ("Grams (diagonal)", self.gram_diag_bytes), ("per training lane", self.lane_bytes),
-                ("packed Gram pass", self.gram_pass_bytes), ("shared per device", self.shared_bytes),
-                ("budget per device", self.budget_bytes)]
-        lines = [f"  {name:<24}{mb(b)}" for name, b in rows]
-        lines.append(f"  -> at most {self.max_lanes} training lanes over {self.devices} device(s) "
-                     f"for K = {self.num_clients} clients")
-        if self.gram_pass_bytes + self.shared_bytes > self.budget_bytes:
-            lines.append("  !! the packed Gram pass alone exceeds the budget: use diagonal Grams "
-                         "(config.alpha_backbone = 0) or fewer clients")
-        return "memory plan:\n" + "\n".join(lines)
-
-
-def _jaxpr_bytes(jaxpr) -> int:
-    """Σ bytes of every value a jaxpr (and its sub-jaxprs) produces: an upper bound on the live activations."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in eqn.outvars
-                     if hasattr(v.aval, "shape"))
-        for p in eqn.params.values():
-            for q in (p if isinstance(p, (tuple, list)) else (p,)):
-                if isinstance(q, jax.extend.core.ClosedJaxpr):
-                    total += _jaxpr_bytes(q.jaxpr)
-                elif isinstance(q, jax.extend.core.Jaxpr):
-                    total += _jaxpr_bytes(q)
-    return total
-
-
-def activation_bytes(backbone, rank: int, batch: int, max_len: int = 32) -> int:
-    """Bytes of every intermediate of one forward pass at ``batch`` (traced, not compiled: no device work).
-
-    XLA fuses elementwise ops and frees what backward does not need, so this over-estimates (≈ 3× for ViTs); it is
-    meant as a safe bound for the planner, not a measurement.
-    """
-    lora = {p: {"A": jax.ShapeDtypeStruct((rank, d_in), jnp.float32),
-                "B": jax.ShapeDtypeStruct((d_out, rank), jnp.float32)}
-            for p, (d_out, d_in) in backbone.lora_shapes.items()}
-    if backbone.kind == "text":
-        ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
-        inputs = {"input_ids": ids, "attention_mask": ids}
-    else:
-        inputs = jax.ShapeDtypeStruct((batch, backbone.image_size, backbone.image_size, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda lo, x: backbone.apply(backbone.params, lo, x)[0])(lora, inputs)
-    return _jaxpr_bytes(jaxpr.jaxpr)
-
-
-def device_budget(devices, fraction: float = 0.5) -> int:
-    """``fraction`` of the free memory of one device: accelerator memory stats, or on CPU the available host RAM
-    shared by the local CPU devices."""
-    d = devices[0]
-    stats = d.memory_stats() if d.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        import psutil
-        free = psutil.virtual_memory().available // max(1, len([x for x in devices if x.process_index ==
-                                                                 jax.process_index()]))
-    return int(fraction * free)
-
-
-def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batch_size: int, gram_batch_size: int,
-                backbone_gram: str, head_gram: str, shared_bytes: int = 0, mesh=None, budget_bytes: int | None = None,
-                max_len: int = 32) -> MemoryPlan:
-    """Bytes of a training lane and of the packed Gram pass, and the most lanes (a multiple of the mesh size) that fit
-    ``budget_bytes`` per device (default :func:`device_budget`) after ``shared_bytes`` and the Gram pass."""
-    mesh = sharding.make_mesh(1) if mesh is None else mesh
-    devices = sharding.mesh_size(mesh)
-    f = backbone.feature_dim
-    lora = sum(rank * (d_in + d_out) for d_out, d_in in backbone.lora_shapes.values())
-    params = 4 * (lora + num_classes * (f + 1))
-    diag = 4 * (sum(d_in for _, d_in in backbone.lora_shapes.values()) + f)
-    full = 4 * (sum(d_in * d_in for _, d_in in backbone.lora_shapes.values()) + f * f)
-    grams = {("diag", "diag"): diag}.get((backbone_gram, head_gram))
-    if grams is None:
-        grams = (full if backbone_gram == "full" else diag - 4 * f) + 4 * (f * f if head_gram == "full" else f)
-    act_train = activation_bytes(backbone, rank, batch_size, max_len)
-    act_gram = act_train if gram_batch_size == batch_size else activation_bytes(backbone, rank, gram_batch_size,
-                                                                                max_len)
-    optimizer = 5 * params
-    lane = params + optimizer + act_train + num_clients * params
-    gram_pass = 2 * num_clients * grams + act_gram
-    budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
-    per_device = max(1, (budget - shared_bytes) // lane)
-    return MemoryPlan(lora_bytes=params, optimizer_bytes=optimizer, activation_bytes=act_train,
-                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, lane_bytes=lane,
-                      gram_pass_bytes=gram_pass, shared_bytes=int(shared_bytes), budget_bytes=budget, devices=devices,
-                      num_clients=num_clients, max_lanes=per_device * devices)
-
-
-def choose_lanes(steps_per_task, *, devices: int, platform: str, max_lanes: int, requested: int = 0) -> int:
-    """Lanes P for a run whose tasks have client step counts ``steps_per_task`` ([K] arrays), a multiple of
-    ``devices``: ``requested`` (``config.client_lanes``) when > 0, else automatic.
-
-    A round lasts about ``max(S_max, ΣS/P)`` steps of P vmapped lanes. On an accelerator a step of P lanes costs about
-    what one lane's does until the chip is full, so P = ⌈ΣS / S_max⌉ (the fewest lanes whose longest is the largest
-    client; more only add idle lanes), worst task of the run, capped by memory (``max_lanes``). On a CPU a batch
-    already fills the cores and P lanes cost P times one, so one lane per device: no lane ever idles.
-    """
-    if requested:
-        if requested % devices:
-            raise ValueError(f"config.client_lanes = {requested} is invalid: a multiple of the {devices} devices of "
-                             f"the mesh (or 0 = automatic)")
-        return requested
-    if platform == "cpu":
-        want = 1
-    else:
-        want = max((-(-int(np.sum(s)) // max(int(np.max(s)), 1)) for s in steps_per_task if len(s)), default=1)
-        num_clients = max(len(s) for s in steps_per_task)
-        want = -(-min(want, num_clients) // devices)
-    per_device = max(1, min(want, max_lanes // devices))
-    return per_device * devices
-
-
-def stack_clients(tree, num_clients: int):
-    """Broadcast an unstacked pytree to a leading client axis of size K."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
-
-
-def numpy_tree(tree):
-    """Host numpy copy of a pytree, on every process (global client-sharded arrays are all-gathered)."""
-    return sharding.gather(tree)

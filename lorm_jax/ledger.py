@@ -1,7 +1,5 @@
-"""Per-round bookkeeping: the communication ledger and the merge diagnostics.
-
-**Ledger.** Bytes one client uploads and downloads in a unit, summed over the very arrays that cross the network (their
-shapes and dtypes, not a formula). What crosses is declared by the method (:mod:`lorm_jax.methods.common` lists the
+"""The communication ledger: bytes one client uploads and downloads in a unit, summed over the very arrays that cross
+the network (their shapes and dtypes, not a formula). What crosses is declared by the method (:mod:`lorm_jax.methods.common` lists the
 vocabulary): after a round a client sends its trained factor(s), the backbone Grams if the server merge needs them, the
 current task's head rows, the head Gram for a RegMean head, and its sample count; before a round it receives the
 factor(s) the server changed and the task's head rows. At the end of a task, methods whose cross-task merge needs
@@ -11,22 +9,12 @@ client exchanges arrays of the same shapes, so per-client bytes are ``bytes of t
 Assumptions: every client takes part in every round and keeps what it received (so it holds the unchanged factor, the
 past task factors the filler Gram network needs, and needs no re-send); a fresh task's LoRA is sent (not re-derived
 from a shared seed). 1 MB = 10⁶ bytes.
-
-**Diagnostics.** Per LoRA layer, the relative response-matching residual of the merged ``ΔW = B A`` against the
-clients' own ``ΔW_k = B_k A_k`` on their Grams, and the same at the ideal RegMean ``ΔW*`` of the clients' deltas
-(:func:`lorm_jax.merging.merge_residuals`); summarised as mean and max over layers.
 """
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from lorm_jax import merging
-from lorm_jax.methods import common
 
 MB = 1e6
 UPLOAD_ITEMS = ("A", "B", "grams", "head", "head_gram", "num_samples")
@@ -103,7 +91,7 @@ def task_entry(method, last_factor: str, grams, server_lora, num_clients: int) -
     return _entry({"grams": nbytes(grams) // num_clients}, {k: nbytes(v) for k, v in down.items()})
 
 
-def summarize(metric_lines) -> dict:
+def totals(metric_lines) -> dict:
     """Totals per client over all units of a run (``metrics.jsonl`` lines): bytes, MB and the upload by item."""
     up = sum(int(m.get("upload_bytes", 0)) for m in metric_lines)
     down = sum(int(m.get("download_bytes", 0)) for m in metric_lines)
@@ -114,24 +102,3 @@ def summarize(metric_lines) -> dict:
     return {"upload_mb_per_client": up / MB, "download_mb_per_client": down / MB,
             "upload_bytes_per_client": up, "download_bytes_per_client": down,
             "upload_bytes_per_client_by_item": by_item}
-
-
-_residuals_tree = jax.jit(merging.merge_residuals_tree, static_argnames="dtype")  # one compilation per run
-
-
-def diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
-    """Merge diagnostics of a round (see the module docstring): ``{"merge_residual": {"mean", "max"},
-    "regmean_residual": {"mean", "max"}}``. Excluded clients (``num_samples`` = 0) have zero Grams and drop out."""
-    client_lora = common.keep_included(client_lora, num_samples)
-    per_layer = _residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
-    values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
-    summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
-    return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}
-
-
-def summarize_file(metrics_path: str) -> dict:
-    """:func:`summarize` of a run's ``metrics.jsonl`` (zeros when it does not exist)."""
-    if not os.path.exists(metrics_path):
-        return summarize([])
-    with open(metrics_path) as f:
-        return summarize([json.loads(line) for line in f if line.strip()])

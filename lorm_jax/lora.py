@@ -8,8 +8,9 @@ the paper's layout::
 A linear layer ``y = W x`` with ``W ∈ R^{d_out×d_in}`` becomes ``y = (W + B A) x``. Client-stacked LoRA (what ``vmap``
 sees) has a leading client axis on every leaf: ``A: [K, r, d_in]``, ``B: [K, d_out, r]``.
 
-Which factor trains in a round is a *traced* boolean (``train_a``), so flipping the phase never retraces a jitted step:
-:func:`phase_mask` turns it into a 0/1 pytree that multiplies gradients/updates.
+Which factor trains in a round ("A", "B", "AB", or "" for none) enters a jitted step as traced 0/1 scalars, so
+switching the factor never retraces it: :func:`factor_mask` turns them into a 0/1 pytree that multiplies
+gradients and updates.
 """
 from __future__ import annotations
 
@@ -61,12 +62,12 @@ def rank(lora: LoRA) -> int:
     return ranks.pop()
 
 
-def phase_mask(lora: LoRA, train_a, train_b=None) -> LoRA:
+def factor_mask(lora: LoRA, train_a, train_b=None) -> LoRA:
     """0/1 pytree (same structure and shapes as ``lora``) that is 1 on the factor(s) that train.
 
     ``train_a`` / ``train_b`` may be Python bools or traced scalars (``train_b`` defaults to ``1 - train_a``):
     ``mask["A"] = train_a``, ``mask["B"] = train_b``. Multiplying gradients and optimizer updates by it freezes the
-    other factor without retracing when the phase flips.
+    other factor without retracing when the trained factor changes.
     """
     on_a = jnp.asarray(train_a, jnp.float32)
     on_b = 1.0 - on_a if train_b is None else jnp.asarray(train_b, jnp.float32)
@@ -75,7 +76,7 @@ def phase_mask(lora: LoRA, train_a, train_b=None) -> LoRA:
 
 
 def select_factor(lora: LoRA, factor: str) -> dict[str, jax.Array]:
-    """``{path: lora[path][factor]}``: the part of the LoRA that one phase exchanges."""
+    """``{path: lora[path][factor]}``: the part of the LoRA that a round training ``factor`` exchanges."""
     if factor not in FACTORS:
         raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
     return {p: f[factor] for p, f in lora.items()}

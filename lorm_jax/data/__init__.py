@@ -4,9 +4,11 @@
 * :mod:`.tasks`     class orders, task splits, relabelling to contiguous logit ranges.
 * :mod:`.partition` Dirichlet / label-quantity / iid client partitions of a task (LORM_SPEC §10.3).
 * :mod:`.batching`  per-client minibatch schedules, training lanes and packed passes for the vmapped programs.
-* :mod:`.augment`   jit/vmap-friendly image transforms (LORM_SPEC §10.4). Imports JAX; the other modules are numpy-only.
+* :mod:`.augment`   jit/vmap-friendly image transforms (LORM_SPEC §10.4).
+* :mod:`.inputs`    model inputs: encode the host arrays once, gather and transform examples on device.
+  augment and inputs import JAX; the other modules are numpy-only.
 """
-from . import augment, batching, datasets, partition, tasks
+from . import augment, batching, datasets, inputs, partition, tasks
 
 try:
     from . import tfds_data  # registers the "tfds/<name>" paper datasets; tensorflow-datasets/grain load lazily
@@ -21,7 +23,7 @@ from .partition import client_label_counts, dirichlet_partition, iid_partition, 
 from .tasks import class_order, relabel, seen_class_mask, task_classes, task_indices, task_of_class, task_offsets
 
 __all__ = [
-    "augment", "batching", "datasets", "partition", "tasks",
+    "augment", "batching", "datasets", "inputs", "partition", "tasks",
     "ArrayDataset", "DatasetFormatError", "DatasetNotFoundError", "available", "load", "load_with_fallback",
     "select_classes", "stratified_split", "subsample_per_class",
     "class_order", "task_classes", "relabel", "task_offsets", "task_indices", "seen_class_mask", "task_of_class",

@@ -3,7 +3,7 @@
 A method decides which LoRA factor(s) train in a round (``train_factor``: "A", "B", "AB" or "" for none), how the
 server merges what the clients send (``merge_round``), how finished tasks are merged into the evaluation model
 (``merge_tasks``), and what crosses the network (``uploads`` / ``downloads`` / ``task_grams``, sized by
-:mod:`lorm_jax.ledger`). See :class:`lorm_jax.methods.lorm.LoRM` for the interface.
+:mod:`lorm_jax.ledger`). The interface is :class:`lorm_jax.methods.base.Method` (with a runnable example).
 
 =============  ====================  ==========================================  ==================================
 name           trains per round      round merge                                  cross-task merge
@@ -20,8 +20,7 @@ linear_probe   head only             —                                        
 Every method merges the head with RegMean (``config.head_merge = "regmean"``, LORM_SPEC §7) or FedAvg ("fedavg"); the
 backbone Grams are diagonal or full according to ``config.alpha_backbone`` (0 = diagonal).
 """
-import jax
-
+from lorm_jax.methods.base import Merges, Method, compile_merges
 from lorm_jax.methods.centralized import Centralized
 from lorm_jax.methods.fedavg_lora import FedAvgLoRA
 from lorm_jax.methods.linear_probe import LinearProbe
@@ -46,7 +45,7 @@ _METHODS = {
 NAMES = tuple(sorted(_METHODS))
 
 
-def get(name: str, config):
+def get(name: str, config) -> Method:
     """The method called ``name``, configured from the experiment ``config`` (``merge_dtype``, ``head_merge``)."""
     if name not in _METHODS:
         raise ValueError(f"config.method = {name!r} is invalid: valid methods are {list(NAMES)}")
@@ -55,21 +54,6 @@ def get(name: str, config):
         raise ValueError(f"config.lr_a = {config.lr_a} and config.lr_b = {config.lr_b} differ, but method {name!r} "
                          f"trains A and B together with one learning rate: set them equal (or one to -1)")
     return method
-
-
-class Compiled:
-    """``method`` with its server merges compiled by ``jax.jit``: ``merge_round`` once per trained factor and
-    ``merge_tasks`` once (the task count is traced; shapes are fixed within a run). Eager merges dispatch hundreds of
-    small ops per round and re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on
-    a GPU costs seconds of compilation per round. Every other attribute is the wrapped method's."""
-
-    def __init__(self, method):
-        self.method = method
-        self.merge_round = jax.jit(method.merge_round, static_argnames=("factor",))
-        self.merge_tasks = jax.jit(method.merge_tasks)
-
-    def __getattr__(self, name):
-        return getattr(self.method, name)
 
 
 def effective_config(config):

@@ -58,11 +58,11 @@ def merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dt
     return {"w": jnp.where(task_rows[:, None], w, server_head["w"]), "b": jnp.where(task_rows, b, server_head["b"])}
 
 
-def fedavg_lora(client_lora, num_samples, trained: str) -> dict:
-    """Sample-weighted FedAvg of the ``trained`` factors ("A", "B" or "AB"); the others pass through from a client
+def fedavg_lora(client_lora, num_samples, factor: str) -> dict:
+    """Sample-weighted FedAvg of the trained ``factor`` ("A", "B" or "AB"); the others pass through from a client
     (they are the server's, identical on every client). client_lora {path: {"A": [K, r, d_in], "B": [K, d_out, r]}}."""
     client_lora = keep_included(client_lora, num_samples)
-    return {p: {name: merging.fedavg(x, num_samples) if name in trained else x[0].astype(jnp.float32)
+    return {p: {name: merging.fedavg(x, num_samples) if name in factor else x[0].astype(jnp.float32)
                 for name, x in f.items()} for p, f in client_lora.items()}
 
 
@@ -101,9 +101,9 @@ def regmean_task_deltas(past_b, past_a, task_grams, num_tasks, dtype=jnp.float32
     return jax.lax.cond(jnp.asarray(num_tasks) == 1, first, merged)
 
 
-def uploads(trained: str, backbone_grams: bool, head_merge: str) -> tuple[str, ...]:
+def uploads(factor: str, backbone_grams: bool, head_merge: str) -> tuple[str, ...]:
     """What a client sends after a round: its trained factor(s), Grams if the server needs them, head, n_k."""
-    return (tuple(trained) + (("grams",) if backbone_grams else ()) + ("head",)
+    return (tuple(factor) + (("grams",) if backbone_grams else ()) + ("head",)
             + (("head_gram",) if head_merge == "regmean" else ()) + ("num_samples",))
 
 

@@ -24,20 +24,20 @@ from lorm_jax.methods import common
 
 @dataclasses.dataclass(frozen=True)
 class FedAvgLoRA:
-    """``trained``: "AB" (FedAvg-LoRA) or "B" (FFA-LoRA)."""
-    trained: str = "AB"
+    """``factor``: "AB" (FedAvg-LoRA) or "B" (FFA-LoRA)."""
+    factor: str = "AB"
     merge_dtype: str = "float32"
     name: str = "fedavg_lora"
     head_merge: str = "regmean"
     task_grams = False  # the cross-task mean needs no statistics
 
     def __post_init__(self):
-        if self.trained not in ("AB", "B"):
-            raise ValueError(f"FedAvgLoRA.trained must be 'AB' or 'B', got {self.trained!r}")
+        if self.factor not in ("AB", "B"):
+            raise ValueError(f"FedAvgLoRA.factor must be 'AB' or 'B', got {self.factor!r}")
         common.check_head_merge(self.head_merge)
 
     def train_factor(self, round_idx: int) -> str:
-        return self.trained
+        return self.factor
 
     def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
         """FedAvg of the trained factor(s) over clients ([K, ...] inputs, ``num_samples`` [K]); Grams unused."""

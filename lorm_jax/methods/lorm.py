@@ -23,23 +23,23 @@ from lorm_jax.methods.common import merge_head  # noqa: F401  (re-exported)
 
 @dataclasses.dataclass(frozen=True)
 class LoRM:
-    """The LoRM strategy. ``train_matrix``: "alt" (paper), "A" or "B" (train only that factor)."""
-    train_matrix: str = "alt"
+    """The LoRM strategy. ``factor``: "alt" (the paper: B, A, B, …), "A" or "B" (train only that factor)."""
+    factor: str = "alt"
     merge_dtype: str = "float32"
     name: str = "lorm"
     head_merge: str = "regmean"
     task_grams = True  # merge_tasks needs every client's Grams of the merged task LoRA
 
     def __post_init__(self):
-        if self.train_matrix not in ("alt", "A", "B"):
-            raise ValueError(f"method.train_matrix must be 'alt', 'A' or 'B', got {self.train_matrix!r}")
+        if self.factor not in ("alt", "A", "B"):
+            raise ValueError(f"LoRM.factor must be 'alt', 'A' or 'B', got {self.factor!r}")
         common.check_head_merge(self.head_merge)
 
     def train_factor(self, round_idx: int) -> str:
         """Which factor clients train in round ``round_idx`` of a task: B, A, B, … for "alt"."""
-        if self.train_matrix == "alt":
+        if self.factor == "alt":
             return "B" if round_idx % 2 == 0 else "A"
-        return self.train_matrix
+        return self.factor
 
     def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
         """Server merge after a round. Client-stacked inputs have a leading K axis; ``num_samples`` [K] weights the bias

@@ -1,0 +1,99 @@
+"""What a run measures: continual-learning metrics of the accuracy matrix, how much of the computed work was real
+(utilisation), how the summed Grams look to the solver (conditioning), and how well a merge reproduces the clients'
+responses (merge residuals)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorm_jax import merging
+from lorm_jax.methods import common
+
+
+def continual_metrics(acc: np.ndarray, test_sizes: np.ndarray) -> dict:
+    """Continual-learning metrics from the accuracy matrix ``acc[t, τ]`` (accuracy on task τ after task t, τ ≤ t).
+
+    * final_average_accuracy: pooled over samples after the last task, ``Σ_τ n_τ acc[T-1, τ] / Σ n_τ`` (reference);
+    * final_average_accuracy_task_mean: ``mean_τ acc[T-1, τ]``;
+    * average_incremental_accuracy: mean over t of the pooled accuracy after task t;
+    * forgetting (the drop from the best earlier accuracy):
+      ``mean_{τ<T-1} (max_{τ≤t<T-1} acc[t, τ] − acc[T-1, τ])``;
+    * forgetting_reference (the reference's ``compute_forgetting``, fed-mammoth ``utils/training.py`` at 09a9508: the
+      drop from the accuracy right after learning the task, averaged over *all* T tasks as the reference reports it,
+      so the last task's zero term counts): ``(1/T) Σ_{τ<T} (acc[τ, τ] − acc[T-1, τ])``. The reference works in
+      percent rounded to 2 decimals; here fractions, unrounded. Equal to ``(T-1)/T · forgetting`` when no task's
+      accuracy ever rises above its value right after learning it;
+    * bwt (backward transfer, kept for compatibility): ``mean_{τ<T-1} (acc[T-1, τ] − acc[τ, τ])
+      = −T/(T-1) · forgetting_reference`` (computed from the same per-task drops).
+    """
+    T = acc.shape[0]
+    n = np.asarray(test_sizes, np.float64)
+    pooled = [float(np.sum(acc[t, :t + 1] * n[:t + 1]) / np.sum(n[:t + 1])) for t in range(T)]
+    last = acc[T - 1]
+    forgetting = [float(np.max(acc[tau:T - 1, tau]) - last[tau]) for tau in range(T - 1)]
+    drop = [float(acc[tau, tau] - last[tau]) for tau in range(T)]  # drop[T-1] = 0
+    return {
+        "final_average_accuracy": pooled[-1],
+        "final_average_accuracy_task_mean": float(np.mean(last)),
+        "average_incremental_accuracy": float(np.mean(pooled)),
+        "accuracy_after_task": pooled,
+        "forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
+        "forgetting_reference": float(np.mean(drop)),
+        "bwt": 0.0 - float(np.mean(drop[:-1])) if T > 1 else 0.0,  # 0.0 - x: never -0.0
+    }
+
+
+def gram_utilization(schedule, task: int) -> float:
+    """Real examples / processed example slots of task ``task``'s packed Gram pass (all devices)."""
+    p = schedule.gram_packed[task]
+    slots = p["idx"].shape[0] * p["num_batches"] * p["idx"].shape[2] * p["idx"].shape[3]
+    return round(p["real_examples"] / slots, 5)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _gram_health_tree(stacked_grams: dict, dtype: str) -> dict:
+    return {p: merging.gram_health(merging.client_sum(g), dtype=jnp.dtype(dtype)) for p, g in stacked_grams.items()}
+
+
+def gram_conditioning(stacked_grams: dict, dtype: str = "float32") -> dict:
+    """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [K, d] or [K, d, d]}``; see
+    :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 = singular), how many
+    layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
+    health = jax.device_get(_gram_health_tree(stacked_grams, dtype))
+    pivots = [float(h["min_pivot"]) for h in health.values()]
+    return {"gram_min_pivot": float(f"{min(pivots):.6g}"),
+            "gram_pinv_layers": int(sum(float(h["pinv"]) for h in health.values())),
+            "gram_dead_features": int(sum(float(h["dead"]) for h in health.values()))}
+
+
+def utilization_summary(schedule, lines: list[dict]) -> dict:
+    """How much of what the run computed was real work: the schedule (lanes, loop buffer, packed-pass block) and the
+    mean / min over the units of ``train_utilization`` (real client-steps / lane-steps run), ``batch_fill`` (real
+    examples / example slots of the real steps) and ``gram_utilization`` (real examples / slots of the Gram pass),
+    from the run's metric ``lines``."""
+    out = {"lanes": schedule.lanes, "loop_steps": schedule.num_steps, "slots_per_lane": schedule.num_slots - 1,
+           "gram_block": schedule.gram_block}
+    for key in ("train_utilization", "batch_fill", "gram_utilization"):
+        values = [line[key] for line in lines if key in line]
+        if values:
+            out[key] = {"mean": round(float(np.mean(values)), 5), "min": round(float(np.min(values)), 5)}
+    return out
+
+
+_residuals_tree = jax.jit(merging.merge_residuals_tree, static_argnames="dtype")  # one compilation per run
+
+
+def merge_diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
+    """How well a round's merge reproduces the clients' responses: per LoRA layer the relative response-matching
+    residual of the merged ``ΔW = B A`` against the clients' own ``ΔW_k = B_k A_k`` on their Grams, and the same at the
+    ideal RegMean ``ΔW*`` of the clients' deltas (:func:`lorm_jax.merging.merge_residuals`), as mean and max over layers:
+    ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients (``num_samples`` = 0)
+    have zero Grams and drop out."""
+    client_lora = common.keep_included(client_lora, num_samples)
+    per_layer = _residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
+    values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
+    summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
+    return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}

@@ -1,0 +1,207 @@
+"""The plan of a run: everything that is a deterministic function of the config, fixed before the first round.
+
+:func:`build_setup` loads the backbone and the data, splits the classes into tasks and every task over the clients,
+places the shared arrays on the device mesh, lays out the client work (:class:`Schedule`: training lanes, packed Gram
+and evaluation passes) and builds the compiled programs. Nothing here trains or merges (that is :mod:`lorm_jax.rounds`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lorm_jax import backbones, federated, ledger, memory, methods, rng, sharding
+from lorm_jax import config as config_lib
+from lorm_jax import data as data_lib
+from lorm_jax.data import inputs
+from lorm_jax.data.partition import partition as split_clients
+
+log = logging.getLogger("lorm_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    config: ml_collections.ConfigDict
+    backbone: backbones.Backbone
+    dataset: data_lib.ArrayDataset
+    offsets: np.ndarray             # [T+1] class offsets of the tasks (labels are relabelled to be contiguous)
+    train: dict                     # device arrays of all training data: {"x" or "input_ids"/"attention_mask", "y"}
+    test: dict
+    task_train: list                # per task: indices into train
+    task_test: list                 # per task: indices into test
+    partitions: list                # per task: K arrays of indices into train (each client's share of the task)
+    schedule: "Schedule"            # lanes and packed passes, fixed by the partitions
+    programs: federated.ClientPrograms  # the compiled client programs (train, grams, evaluate)
+    method: methods.Method
+    merges: methods.Merges             # the method's server merges, compiled
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.offsets) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the run lays out its client work; the partitions fix every client's step count, so all of it is known
+    before the first round and every round runs the same compiled shapes.
+
+    Training: the K clients of task t run in ``lanes`` vmapped lanes, lane p running ``members[t][p]`` back to back
+    (:func:`lorm_jax.data.batching.pack_lanes`); loop buffers hold ``num_steps`` steps (the longest lane of the run)
+    and ``num_slots`` client slots per lane. Gram pass of task t: ``gram_packed[t]`` (client-pure blocks of
+    ``gram_block`` examples); evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
+    """
+    lanes: int
+    steps: list              # per task: [K] real local steps of each client per round
+    members: list
+    num_steps: int
+    num_slots: int
+    gram_block: int
+    gram_packed: list
+    eval_packed: list
+
+    def describe(self, batch_size: int) -> str:
+        lines = [f"schedule: {self.lanes} training lane(s); loop buffers {self.num_steps} steps x {batch_size} "
+                 f"examples, {self.num_slots - 1} client slot(s) per lane"]
+        for t, (steps, members, packed) in enumerate(zip(self.steps, self.members, self.gram_packed)):
+            loads = [int(sum(steps[k] for k in lane)) for lane in members]
+            lines.append(f"  task {t}: clients per lane {members}, steps per lane {loads} (sum {int(sum(steps))}); "
+                         f"Gram pass {packed['num_batches']} packed batch(es) of "
+                         f"{packed['idx'].shape[2]} x {self.gram_block} examples per device")
+        p = self.eval_packed[-1]
+        lines.append(f"  compiled shapes: training [{self.lanes}, {self.num_steps}, {batch_size}], Gram pass "
+                     f"{list(self.gram_packed[0]['idx'].shape)}, evaluation {list(p['idx'].shape)}")
+        return "\n".join(lines)
+
+
+def split_task(c, labels: np.ndarray, task: int) -> list:
+    """Client partition of task ``task`` (labels [N]); impossible settings fail naming the config keys to change."""
+    if len(labels) == 0:
+        raise config_lib.invalid("data.classes_per_task", c.data.classes_per_task,
+                                 f"task {task} has no training samples (check data.n_train_per_class, "
+                                 f"data.max_classes)")
+    try:
+        return split_clients(labels, c.num_clients, c.data.partition,
+                             rng.partition_rng(config_lib.data_seed(c), task),
+                             beta=c.data.beta, classes_per_client=c.data.classes_per_client,
+                             min_samples=c.data.min_samples)
+    except ValueError as e:
+        key = {"quantity": "data.classes_per_client"}.get(c.data.partition, "data.min_samples")
+        value = c.data.classes_per_client if key == "data.classes_per_client" else c.data.min_samples
+        raise config_lib.invalid(key, value, f"task {task} ({len(labels)} samples, {len(np.unique(labels))} classes) "
+                                 f"cannot be split over config.num_clients = {c.num_clients} clients with "
+                                 f"config.data.partition = {c.data.partition!r}, config.data.beta = {c.data.beta}: "
+                                 f"{e}") from e
+
+
+def build_setup(config: ml_collections.ConfigDict) -> Setup:
+    config_lib.validate(config)
+    config_lib.validate_paths(config)
+    c = methods.effective_config(config)  # e.g. centralized: one client holding all data
+    backbone = backbones.get(c.backbone.name, **c.backbone.options.to_dict())
+    config_lib.validate_rank(c, backbone.lora_shapes)
+    ds = data_lib.load(c.data.name, **c.data.options.to_dict())
+    config_lib.validate_tasks(c, ds.num_classes)
+    if 0 < c.data.max_classes < ds.num_classes:
+        largest = np.argsort(-ds.counts("train"), kind="stable")[:c.data.max_classes]
+        ds = data_lib.select_classes(ds, np.sort(largest))
+    if c.data.n_train_per_class or c.data.n_test_per_class:
+        ds = data_lib.subsample_per_class(ds, c.data.n_train_per_class or None, c.data.n_test_per_class or None,
+                                          config_lib.data_seed(c))
+    if (ds.kind == "text") != (backbone.kind == "text"):
+        raise ValueError(f"config.data.name={c.data.name!r} is {ds.kind} data but config.backbone.name="
+                         f"{c.backbone.name!r} is a {backbone.kind} backbone")
+    order = data_lib.class_order(ds.num_classes, None if c.data.class_order_seed < 0 else c.data.class_order_seed)
+    per_task = c.data.classes_per_task
+    tasks = data_lib.task_classes(ds.num_classes, per_task if isinstance(per_task, int) else tuple(per_task), order)
+    offsets = data_lib.task_offsets(tasks)
+    ds = dataclasses.replace(ds, y_train=data_lib.relabel(ds.y_train, order), y_test=data_lib.relabel(ds.y_test, order))
+    train, test = inputs.encode(ds, backbone, c.data.max_len)
+    task_train = [data_lib.task_indices(ds.y_train, t, offsets) for t in range(len(tasks))]
+    task_test = [data_lib.task_indices(ds.y_test, t, offsets) for t in range(len(tasks))]
+    partitions = []
+    for t, idx in enumerate(task_train):
+        parts = split_task(c, ds.y_train[idx], t)
+        partitions.append([idx[p] for p in parts])
+    mesh = sharding.make_mesh(c.mesh_clients)  # frozen backbone and data replicated, client work sharded
+    backbone = dataclasses.replace(backbone, params=sharding.replicate(backbone.params, mesh))
+    train, test = sharding.replicate((train, test), mesh)
+    schedule = plan_schedule(c, backbone, mesh, partitions, task_test, int(offsets[-1]), train, test)
+    programs = federated.build_client_programs(
+        backbone, inputs.make_prepare(c, backbone, ds.kind), lr_head=c.lr, weight_decay=c.weight_decay,
+        backbone_gram="diag" if c.alpha_backbone == 0 else "full", alpha_backbone=c.alpha_backbone,
+        head_gram="diag" if c.alpha_head == 0 else "full", alpha_head=c.alpha_head, augment_grams=c.gram_augment,
+        gram_stream_batch=c.gram_batch_size or c.batch_size, gram_block=schedule.gram_block, mesh=mesh)
+    method = methods.get(c.method, c)
+    return Setup(config=c, backbone=backbone, dataset=ds, offsets=offsets, train=train, test=test,
+                 task_train=task_train, task_test=task_test, partitions=partitions, schedule=schedule,
+                 programs=programs, method=method, merges=methods.compile_merges(method))
+
+
+def with_partitions(setup: Setup, partitions: list) -> Setup:
+    """The setup with other client partitions (e.g. a client emptied), its schedule replanned for them: the lanes and
+    packed passes are laid out from the partitions, so replacing ``partitions`` alone would leave them stale."""
+    schedule = plan_schedule(setup.config, setup.backbone, setup.programs.mesh, partitions, setup.task_test,
+                              int(setup.offsets[-1]), setup.train, setup.test)
+    return dataclasses.replace(setup, partitions=partitions, schedule=schedule)
+
+
+def tokens_per_example(backbone, max_len: int) -> int:
+    """Rows one example contributes to every layer's Gram: the ViT's tokens (patches + CLS) or the text length."""
+    if backbone.kind == "text":
+        return max_len
+    x = jax.ShapeDtypeStruct((1, backbone.image_size, backbone.image_size, 3), jnp.float32)
+    return int(jax.eval_shape(lambda p, x: backbone.module.apply({"params": p}, x, all_tokens=True),
+                              backbone.params, x).shape[1])
+
+
+def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test) -> Schedule:
+    """Lanes (``config.client_lanes`` or the memory plan's and :func:`memory.choose_lanes`' choice), the packing of
+    every task's clients into them, and the packed Gram / evaluation layouts; logged before the run."""
+    devices = sharding.mesh_size(mesh)
+    gram_bs = c.gram_batch_size or c.batch_size
+    backbone_gram = "diag" if c.alpha_backbone == 0 else "full"
+    plan = memory.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
+                                 batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
+                                 head_gram="diag" if c.alpha_head == 0 else "full",
+                                 shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
+                                 max_len=c.data.max_len)
+    log.info("%s", plan.table())
+    steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
+    lanes = memory.choose_lanes(steps, devices=devices, platform=mesh.devices.flat[0].platform,
+                                   max_lanes=plan.max_lanes, requested=c.client_lanes)
+    members = [data_lib.pack_lanes(s, lanes) for s in steps]
+    num_steps = max(max(int(sum(s[k] for k in lane)) for lane in m) for s, m in zip(steps, members))
+    num_slots = 1 + max(len(lane) for m in members for lane in m)
+    # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
+    # d×d matrix per example); diagonal Grams: one example per block, no padding at all.
+    block = 1 if backbone_gram == "diag" else max(1, -(-64 // tokens_per_example(backbone, c.data.max_len)))
+
+    def packed(groups, stream_batch, passes, block, max_examples):
+        """One layout per group (list of index arrays), all with the largest group's shape (one compiled program):
+        batches of at most ``max_examples`` examples, as few as the largest group needs and equally full."""
+        blocks = max(-(-sum(-(-len(ix) * passes // block) for ix in g) // devices) for g in groups)
+        num_batches = max(1, -(-blocks // max(1, max_examples // block)))
+        per_batch = max(1, -(-blocks // num_batches))
+        return [data_lib.packed_schedule(g, stream_batch, passes, block=block, blocks_per_batch=per_batch,
+                                         shards=devices, num_batches=num_batches) for g in groups]
+
+    gram_packed = packed(partitions, gram_bs, c.gram_passes, block, gram_bs)
+    eval_packed = packed([task_test[:t + 1] for t in range(len(task_test))], c.eval_batch_size, 1, 1,
+                         c.eval_batch_size)
+    schedule = Schedule(lanes=lanes, steps=steps, members=members, num_steps=max(num_steps, 1), num_slots=num_slots,
+                        gram_block=block, gram_packed=gram_packed, eval_packed=eval_packed)
+    log.info("%s", schedule.describe(c.batch_size))
+    return schedule
+
+
+def partition_digest(setup: Setup) -> str:
+    h = hashlib.sha256()
+    for parts in setup.partitions:
+        for p in parts:
+            h.update(np.asarray(p, np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]

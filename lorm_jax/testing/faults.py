@@ -1,0 +1,104 @@
+"""A real ``lorm-jax run`` that kills or signals itself at a chosen point, for the crash-safety tests.
+
+    LORM_JAX_FAULT="<stage>@<unit>[:<SIGNAL>]" python -m lorm_jax.testing.faults run --config ... --workdir ...
+
+sends SIGNAL (default SIGKILL) to the process in that stage of that unit: ``train`` (the clients' local training has
+finished), ``merge`` (entering a round's server merge or the end-of-task merge) or ``checkpoint`` (every file of the
+unit's checkpoint written, before the atomic rename that commits it: a crash mid-checkpoint). Everything else is the
+command line of :mod:`lorm_jax.cli`, with the run's stages wrapped through :class:`lorm_jax.continual.Hooks`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import sys
+from typing import Callable, NamedTuple
+
+import jax
+
+from lorm_jax import checkpointing, cli, continual
+
+FAULT_ENV = "LORM_JAX_FAULT"
+
+
+class Fault(NamedTuple):
+    stage: str     # train | merge | checkpoint
+    unit: int
+    signum: int
+
+
+def parse(spec: str) -> Fault:
+    m = re.fullmatch(r"(train|merge|checkpoint)@(\d+)(?::(SIGKILL|SIGTERM|SIGINT))?", spec)
+    if m is None:
+        raise ValueError(f"{FAULT_ENV} = {spec!r} is invalid: <train|merge|checkpoint>@<unit>[:SIGKILL|SIGTERM|SIGINT]")
+    return Fault(m[1], int(m[2]), int(getattr(signal, m[3] or "SIGKILL")))
+
+
+class Injector:
+    """Fires ``fault`` once, in its stage of its unit; tracks the unit in flight from the resume point on."""
+
+    def __init__(self, fault: Fault, first_unit: int):
+        self.fault, self.unit = fault, first_unit
+
+    def fire(self, stage: str) -> None:
+        if self.fault.stage == stage and self.fault.unit == self.unit:
+            self.unit = -1  # a signal that does not kill fires once
+            os.kill(os.getpid(), self.fault.signum)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        """The ``instrument`` hook: fire after training, before a merge."""
+        def train(*args, **kwargs):
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            self.fire("train")
+            return out
+
+        def merge(*args, **kwargs):
+            self.fire("merge")
+            return fn(*args, **kwargs)
+        return {"train": train, "merge_round": merge, "merge_tasks": merge}.get(name, fn)
+
+    def after_unit(self, unit: int, line: dict) -> None:
+        if self.unit != -1:
+            self.unit = unit + 1
+
+    def hooks(self) -> continual.Hooks:
+        return continual.Hooks(instrument=self.wrap, after_unit=self.after_unit)
+
+
+@contextlib.contextmanager
+def before_commit(callback: Callable[[], None]):
+    """Call ``callback`` right before orbax renames a finished temporary checkpoint directory to its final name
+    (patches orbax's private ``async_path.rename``; only here, in the test machinery)."""
+    from orbax.checkpoint._src.path import async_path
+    original = async_path.rename
+
+    async def rename(src, dst, *args, **kwargs):
+        callback()
+        return await original(src, dst, *args, **kwargs)
+
+    async_path.rename = rename
+    try:
+        yield
+    finally:
+        async_path.rename = original
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lorm-jax`` with the fault of ``LORM_JAX_FAULT`` injected into its ``run`` verb."""
+    argv = list(sys.argv if argv is None else argv)
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return cli.main(argv)
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--workdir", default="")
+    workdir = flags.parse_known_args(argv[1:])[0].workdir
+    injector = Injector(parse(spec), checkpointing.latest_step(workdir) or 0)
+    with before_commit(lambda: injector.fire("checkpoint")):
+        return cli.main(argv, hooks=injector.hooks())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
