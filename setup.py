@@ -17,7 +17,7 @@ CORE = [
 REAL = ["onnx>=1.16,<2", "safetensors>=0.4,<1", "tokenizers>=0.19,<1", "scikit-learn>=1.4,<2"]
 # The paper's datasets through TFDS + grain (no TensorFlow needed at run time).
 TFDS = ["tensorflow-datasets>=4.9.6,<5", "grain>=0.2.10,<0.3", "pillow>=10"]
-TEST = ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "onnxruntime>=1.18,<2"]
+TEST = ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "onnxruntime>=1.18,<2", "ruff>=0.6"]
 
 setup(
     name="lorm_jax",

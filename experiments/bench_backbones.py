@@ -18,8 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ import optax
 
 from lorm_jax import backbones
 from lorm_jax import lora as L
+from lorm_jax.bench import common
 
 NUM_CLASSES = 10
 CONFIGS = {  # label -> (backbone name, options, input description)
@@ -48,30 +47,25 @@ def make_inputs(bb, batch, rng):
     return {k: jnp.asarray(v) for k, v in bb.tokenize(texts, 32).items()}
 
 
-def timed(compiled, args, steps, feedback=None):
+def step_times(compiled, args, steps, feedback=None):
     """(wall, process CPU) seconds per call of an AOT-compiled function (medians), after one warm-up call.
 
     The CPU time (all threads of this process) is much less sensitive than the wall time to other processes competing
     for the cores; on an otherwise idle machine wall ≈ CPU / (cores kept busy)."""
-    out = compiled(*args)
-    jax.block_until_ready(out)
-    wall, cpu = [], []
+    out = jax.block_until_ready(compiled(*args))
+    runs = []
     for _ in range(steps):
         if feedback is not None:
             args = feedback(args, out)
-        t, c = time.perf_counter(), time.process_time()
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return float(np.median(wall)), float(np.median(cpu))
+        runs.append(common.timed(lambda: compiled(*args)))
+        out = runs[-1].out
+    return common.median(runs), common.median(runs, cpu=True)
 
 
 def bench_one(label, steps, batch, rank):
     name, options, desc = CONFIGS[label]
-    t = time.perf_counter()
-    bb = backbones.get(name, **options)
-    load_s = time.perf_counter() - t
+    loaded = common.timed(lambda: backbones.get(name, **options))
+    bb, load_s = loaded.out, loaded.seconds
     rng = np.random.default_rng(0)
     x = make_inputs(bb, batch, rng)
     y = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
@@ -104,10 +98,9 @@ def bench_one(label, steps, batch, rank):
     }
     rows = []
     for mode, (fn, args, feedback) in cases.items():
-        t = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        compile_s = time.perf_counter() - t
-        step_s, cpu_s = timed(compiled, args, steps, feedback)
+        compiled = common.timed(lambda: jax.jit(fn).lower(*args).compile())
+        compile_s = compiled.seconds
+        step_s, cpu_s = step_times(compiled.out, args, steps, feedback)
         rows.append({"config": label, "backbone": name, "input": desc, "mode": mode, "batch": batch, "rank": rank,
                      "lora_layers": len(bb.lora_shapes), "load_s": round(load_s, 2), "compile_s": round(compile_s, 2),
                      "step_s": round(step_s, 4), "cpu_s": round(cpu_s, 4),
@@ -122,7 +115,8 @@ def markdown(rows):
              "CPU ms / step |", "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['backbone']} | {r['input']} | {r['lora_layers']} ({r['rank']}) | {r['mode']} | "
-                     f"{r['compile_s']:.1f} | {r['step_s'] * 1e3:.1f} | {r['examples_per_s']:.1f} | {r['cpu_s'] * 1e3:.0f} |")
+                     f"{r['compile_s']:.1f} | {r['step_s'] * 1e3:.1f} | {r['examples_per_s']:.1f} | "
+                     f"{r['cpu_s'] * 1e3:.0f} |")
     return "\n".join(lines)
 
 
@@ -140,10 +134,9 @@ def main(argv=None):
         ap.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
 
     dev = jax.devices()[0]
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__,
-            "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), **common.machine_info(),
+            "device": f"{dev.platform}:{dev.device_kind}"}
+    meta["loadavg_start"] = meta.pop("load_average")
     print(f"# bench_backbones  {meta['date']}  {meta['device']}  cpus={meta['cpu_count']}  jax {meta['jax']}",
           flush=True)
     rows = []
@@ -152,7 +145,7 @@ def main(argv=None):
             rows += bench_one(label, args.steps, args.batch, args.rank)
         except backbones.MissingAssetError as e:
             print(f"  {label}: skipped ({e})", flush=True)
-    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["loadavg_end"] = os.getloadavg()
     print()
     print(markdown(rows))
     if args.out:

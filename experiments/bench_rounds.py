@@ -1,7 +1,8 @@
 """Seconds per round of a real config, engine against engine: this checkout vs another commit's checkout.
 
-Each checkout runs the first ``--units`` units of the same config (``continual.run(..., stop_after_units=N)``, a fresh
-interpreter with that checkout first on ``PYTHONPATH``, a fresh workdir), one after the other on the same machine;
+Each checkout runs the first ``--units`` units of the same config (``continual.run`` with
+``hooks=lorm_jax.testing.stop_after(N)``, or ``stop_after_units=N`` in a checkout from before ``continual.Hooks``; a
+fresh interpreter with that checkout first on ``PYTHONPATH``, a fresh workdir), one after the other on the same machine;
 the per-unit ``seconds`` of their ``metrics.jsonl`` are compared. The first units include compilation (LoRM compiles
 its B merge in round 0 and its A merge in round 1), so the ratio is the median over the rounds after the first
 ``--skip`` units.
@@ -24,24 +25,29 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Runs under the other checkout's lorm_jax too, so it uses only what both have: config.load_sibling (a config file
+# loaded by path), config.override, continual.run.
 _CHILD = r"""
-import importlib.util, json, sys
+import os, sys
 checkout, config_path, workdir, units, overrides = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
-sys.path.insert(0, checkout)
 import lorm_jax
 assert lorm_jax.__file__.startswith(checkout), (lorm_jax.__file__, checkout)
 from lorm_jax import config as config_lib, continual
-spec = importlib.util.spec_from_file_location("cfg", config_path)
-module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
-c = module.get_config()
+c = config_lib.load_sibling(config_path, os.path.basename(config_path))
 for item in overrides:
     key, value = item.split("=", 1)
-    old = c
-    for part in key.split(".")[:-1]:
-        old = old[part]
-    leaf = old[key.split(".")[-1]]
+    leaf = c
+    for part in key.split("."):
+        leaf = leaf[part]
     config_lib.override(c, **{key: type(leaf)(value) if not isinstance(leaf, bool) else value == "True"})
-continual.run(c, workdir, stop_after_units=units, progress=False)
+if hasattr(continual, "Hooks"):
+    from lorm_jax import testing
+    try:
+        continual.run(c, workdir, progress=False, hooks=testing.stop_after(units))
+    except testing.StopRun:
+        pass
+else:  # a checkout from before continual.Hooks and lorm_jax.testing
+    continual.run(c, workdir, stop_after_units=units, progress=False)
 """
 
 

@@ -18,17 +18,14 @@ Checks (each a line of the summary):
   ``--lost-limit`` s with a message naming the lost process, and rerunning both processes must resume and give the
   1-device matrix.
 
-The helpers are shared with ``tests/test_stress.py`` (the in-suite, smaller version).
+The runs are launched and watched by :mod:`lorm_jax.testing.stress`, as in ``tests/test_stress.py`` (the in-suite,
+smaller version).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,170 +33,20 @@ import time
 
 import numpy as np
 
+from lorm_jax.testing import stress
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BURNER_LIMIT_S = 3600  # a busy loop ends by itself even if its parent is killed before it can stop it
-
-
-@contextlib.contextmanager
-def cpu_burners(n: int, nice: int = 0, limit_s: float = BURNER_LIMIT_S):
-    """``n`` busy-loop processes (niceness raised by ``nice``) for the duration of the block, killed in ``finally``."""
-    code = ("import os, sys, time\nos.nice(int(sys.argv[1]))\nend = time.time() + float(sys.argv[2])\n"
-            "while time.time() < end:\n    pass\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(nice), str(limit_s)]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-
-
-def cli_env(devices: int = 1, xla_flags: str = "", extra: dict | None = None) -> dict:
-    """Environment of a CPU run on ``devices`` simulated devices; the pool size is left to lorm_jax.runtime."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for name in ("PJRT_NPROC", "NPROC", "JAX_NUM_CPU_DEVICES"):
-        env.pop(name, None)
-    env.update(extra or {})
-    return env
-
-
-def start(config: str, workdir, *, devices: int = 1, launch: tuple = (), name: str = "run", overrides=(),
-          env: dict | None = None) -> subprocess.Popen:
-    """``lorm-jax run`` in the background (``launch = (port, process_id, num_processes)`` for a multi-process run);
-    stdout and stderr go to ``<workdir>.<name>.log`` (a file: nobody has to drain a pipe while it runs)."""
-    args = [sys.executable, "-m", "lorm_jax.cli", "run", "--config", config, "--workdir", str(workdir),
-            "--noprogress", *overrides]
-    if launch:
-        port, pid, num = launch
-        args += [f"--coordinator=localhost:{port}", f"--num_processes={num}", f"--process_id={pid}"]
-    with open(f"{workdir}.{name}.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=REPO, env=env or cli_env(devices), stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log.name
-    return proc
-
-
-def finish(procs, timeout: float = 3600) -> list:
-    """Wait for every process, all within ``timeout`` s (what is still running then is SIGKILLed: exit -9); their
-    (returncode, output)."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outs = []
-    for p in procs:
-        with open(p.log) as f:
-            outs.append((p.returncode, f.read()))
-    return outs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def accuracy_matrix(workdir) -> np.ndarray:
-    with open(os.path.join(workdir, "results.json")) as f:
-        return np.asarray(json.load(f)["accuracy_matrix"], float)
-
-
-def units_logged(workdir) -> int:
-    """Complete lines of ``metrics.jsonl``: unit u+1's line is written after unit u's checkpoint."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum(1 for line in f if line.endswith("\n"))
-
-
-def failure(out) -> str | None:
-    """Why a finished run counts as failed (None if it succeeded)."""
-    rc, log = out
-    if rc != 0:
-        return f"exit {rc}: {last_error(log)}"
-    if "Termination timeout" in log:
-        return "XLA rendezvous termination message in the log"
-    return None
-
-
-def last_error(log: str) -> str:
-    """The most telling line of a failed run's output."""
-    lines = [line for line in log.splitlines() if line.strip()]
-    for pattern in ("lorm-jax: process", "Termination timeout", "Terminating process", "Error", "error"):
-        hits = [line for line in lines if pattern in line]
-        if hits:
-            return hits[0].strip()[:400]
-    return lines[-1][:400] if lines else "(no output)"
-
-
-def run_two(config, workdir, *, late_s: float = 0.0, overrides=(), timeout: float = 3600, names=("p0", "p1")):
-    """Both processes of a 2-process run (process 1 started ``late_s`` after process 0); their outputs."""
-    port = free_port()
-    first = start(config, workdir, launch=(port, 0, 2), name=names[0], overrides=overrides)
-    time.sleep(late_s)
-    return finish([first, start(config, workdir, launch=(port, 1, 2), name=names[1], overrides=overrides)], timeout)
-
-
-def names_lost_peer(log: str, victim: int) -> bool:
-    """Whether a survivor's output names process ``victim`` as lost: lorm-jax's own message, or jax's runtime
-    message (the coordinator, process 0, is 'the leader task'; others are named by their heartbeat timeout)."""
-    if re.search(rf"lost contact with process {victim}\b", log):
-        return True
-    if victim == 0:
-        return "leader task" in log
-    return bool(re.search(rf"Task {victim} heartbeat timeout|stopped sending heartbeats\):\s*{victim}\b", log))
-
-
-def lose_peer(config, workdir, *, victim: int, how: str = "kill", after_units: int = 2, limit_s: float = 120,
-              overrides=()) -> dict:
-    """Start a 2-process run, SIGKILL (``how='kill'``) or SIGSTOP (``'stop'``) process ``victim`` once
-    ``after_units`` units are logged, and time the survivor's exit (killed if it outlives ``limit_s``)."""
-    port = free_port()
-    procs = [start(config, workdir, launch=(port, i, 2), name=f"lose{i}", overrides=overrides) for i in range(2)]
-    try:
-        while units_logged(workdir) < after_units:
-            if any(p.poll() is not None for p in procs):
-                return {"error": "a process ended before the peer was lost: "
-                                 + "; ".join(str(failure(o)) for o in finish(procs, 10))}
-            time.sleep(0.2)
-        procs[victim].send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        lost = time.monotonic()
-        survivor = procs[1 - victim]
-        try:
-            rc = survivor.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            rc = None  # still running at the limit (killed below)
-        seconds = time.monotonic() - lost
-        with open(survivor.log) as f:
-            log = f.read()
-        return {"rc": rc, "seconds": round(seconds, 1), "within_limit": rc is not None,
-                "names_peer": names_lost_peer(log, victim), "message": last_error(log)}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # SIGKILL also ends a stopped process
-                p.wait()
 
 
 def pool_check(devices: int, with_runtime: bool, terminate_s: int = 20) -> dict:
     """``tests/_scale_worker.py pool`` on ``devices`` devices, with (or without) lorm_jax's runtime settings."""
-    env = cli_env(devices, f"--xla_cpu_collective_call_terminate_timeout_seconds={terminate_s}")
+    env = stress.cli_env(devices, f"--xla_cpu_collective_call_terminate_timeout_seconds={terminate_s}")
     args = [sys.executable, os.path.join(REPO, "tests", "_scale_worker.py"), "pool"]
     t0 = time.monotonic()
     proc = subprocess.run(args + ([] if with_runtime else ["--no-lorm-jax"]), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     return {"rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
-            "stuck_warnings": proc.stderr.count("may be stuck"), "message": last_error(proc.stderr)}
+            "stuck_warnings": proc.stderr.count("may be stuck"), "message": stress.last_error(proc.stderr)}
 
 
 def main(argv=None) -> int:
@@ -226,7 +73,7 @@ def main(argv=None) -> int:
 
     def matches(workdir) -> bool:
         return os.path.exists(os.path.join(workdir, "results.json")) and \
-            np.array_equal(accuracy_matrix(workdir), reference, equal_nan=True)  # NaN: tasks not yet seen
+            np.array_equal(stress.accuracy_matrix(workdir), reference, equal_nan=True)  # NaN: tasks not yet seen
 
     control = pool_check(args.devices, with_runtime=False)
     print(f"[info] pool pattern with XLA's defaults (control): exit {control['rc']} after {control['seconds']} s"
@@ -238,21 +85,21 @@ def main(argv=None) -> int:
 
     ref_dir = os.path.join(base, "one_device")
     t0 = time.monotonic()
-    out = finish([start(args.config, ref_dir, overrides=args.override)])[0]
-    if failure(out):
-        check("reference", False, f"1-device run failed: {failure(out)}")
+    out = stress.finish([stress.start(args.config, ref_dir, overrides=args.override)])[0]
+    if stress.failure(out):
+        check("reference", False, f"1-device run failed: {stress.failure(out)}")
         return _summary(checks, results, args.json)
-    reference = accuracy_matrix(ref_dir)
+    reference = stress.accuracy_matrix(ref_dir)
     results["reference"] = {"seconds": round(time.monotonic() - t0, 1), "accuracy_matrix": reference.tolist()}
     print(f"[info] 1-device reference: {results['reference']['seconds']} s, final accuracy row "
           f"{np.round(100 * reference[-1], 2).tolist()}", flush=True)
 
-    with cpu_burners(args.burners, args.burner_nice):
+    with stress.cpu_burners(args.burners, args.burner_nice):
         results["8dev"] = []
         for i in range(args.runs8):
             workdir, load, t0 = os.path.join(base, f"dev{args.devices}_{i}"), os.getloadavg()[0], time.monotonic()
-            out = finish([start(args.config, workdir, devices=args.devices, overrides=args.override)])[0]
-            seconds, why = round(time.monotonic() - t0, 1), failure(out)
+            out = stress.finish([stress.start(args.config, workdir, devices=args.devices, overrides=args.override)])[0]
+            seconds, why = round(time.monotonic() - t0, 1), stress.failure(out)
             ok = why is None and matches(workdir)
             results["8dev"].append({"seconds": seconds, "load1": load, "ok": ok, "failure": why})
             check(f"8dev {i + 1}/{args.runs8}", ok, f"{seconds} s, load {load:.1f}, "
@@ -261,8 +108,8 @@ def main(argv=None) -> int:
         for i in range(args.runs2):
             late = 5.0 * (i % 3)
             workdir, load, t0 = os.path.join(base, f"proc2_{i}"), os.getloadavg()[0], time.monotonic()
-            outs = run_two(args.config, workdir, late_s=late, overrides=args.override)
-            seconds, whys = round(time.monotonic() - t0, 1), [failure(o) for o in outs]
+            outs = stress.run_two(args.config, workdir, late_s=late, overrides=args.override)
+            seconds, whys = round(time.monotonic() - t0, 1), [stress.failure(o) for o in outs]
             ok = not any(whys) and matches(workdir)
             results["2proc"].append({"seconds": seconds, "load1": load, "late_s": late, "ok": ok, "failures": whys})
             check(f"2proc {i + 1}/{args.runs2}", ok, f"process 1 started {late:.0f} s late, {seconds} s, load "
@@ -272,17 +119,18 @@ def main(argv=None) -> int:
         for case in [c for c in args.lost.split(",") if c and c != "none"]:
             how, victim = {"kill1": ("kill", 1), "kill0": ("kill", 0), "stop1": ("stop", 1)}[case]
             workdir = os.path.join(base, f"lost_{case}")
-            lost = lose_peer(args.config, workdir, victim=victim, how=how, limit_s=args.lost_limit,
+            lost = stress.lose_peer(args.config, workdir, victim=victim, how=how, limit_s=args.lost_limit,
                              overrides=args.override)
             if "error" in lost:
                 check(f"lost {case}", False, lost["error"])
                 continue
-            outs = run_two(args.config, workdir, overrides=args.override, names=("rerun0", "rerun1"))
-            whys = [failure(o) for o in outs]
+            outs = stress.run_two(args.config, workdir, overrides=args.override, names=("rerun0", "rerun1"))
+            whys = [stress.failure(o) for o in outs]
             resumed = "resumed" in outs[0][1] and not any(whys) and matches(workdir)
             lost.update(rerun_ok=resumed, rerun_failures=whys)
             results["lost"][case] = lost
-            check(f"lost {case}", lost["within_limit"] and lost["rc"] not in (0, None) and lost["names_peer"] and resumed,
+            ok = lost["within_limit"] and lost["rc"] not in (0, None) and lost["names_peer"] and resumed
+            check(f"lost {case}", ok,
                   f"survivor exit {lost['rc']} after {lost['seconds']} s "
                   f"({'names' if lost['names_peer'] else 'does NOT name'} process {victim}: {lost['message']!r}); "
                   f"rerun {'resumed, matrix == 1 device' if resumed else 'FAILED: ' + str(whys)}")

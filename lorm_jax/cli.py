@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -20,8 +19,6 @@ import traceback
 from typing import Callable, NamedTuple
 
 from lorm_jax import config as config_lib
-
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 
 class Verb(NamedTuple):
@@ -159,40 +156,35 @@ def _wall_seconds(workdir: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Verbs implemented in experiments/ (a source checkout): compare and the benchmarks.
+# compare and the benchmarks (lorm_jax.compare, lorm_jax.bench), each with its own parser; imported when its verb runs.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _experiment(module: str, verb: str, argv: list[str]):
-    """``experiments/<module>.py``'s ``main(argv)`` (its own argparse help, after our summary and example)."""
-    if not os.path.isfile(os.path.join(EXPERIMENTS, module + ".py")):
-        raise config_lib.InputError(f"{verb}: experiments/{module}.py is not in this installation ({EXPERIMENTS}); "
-                                    "the experiments ship with the source tree (git clone, then pip install -e .)")
-    if EXPERIMENTS not in sys.path:
-        sys.path.insert(0, EXPERIMENTS)
-    main = importlib.import_module(module).main
+def _module_verb(verb: str, main: Callable[[list[str]], object], argv: list[str]):
+    """``main(argv)`` of a verb's module; its ``--help`` comes after our summary and example."""
     if "-h" in argv or "--help" in argv:
         print(f"lorm-jax {verb}: {VERBS[verb].summary}\nexample: {VERBS[verb].example}\n")
-    saved, sys.argv[0] = sys.argv[0], f"lorm-jax {verb}"  # the program name argparse shows
-    try:
-        return main(argv)
-    finally:
-        sys.argv[0] = saved
+    return main(argv)
 
 
 def compare_main(argv: list[str]):
-    return _experiment("compare", "compare", ["lorm-jax compare", *argv])
+    from lorm_jax import compare
+    configure_logging()
+    return _module_verb("compare", compare.main, ["lorm-jax compare", *argv])
 
 
 def bench_merge_main(argv: list[str]):
-    return _experiment("bench_merge", "bench-merge", argv)
+    from lorm_jax.bench import merge
+    return _module_verb("bench-merge", merge.main, argv)
 
 
 def bench_clients_main(argv: list[str]):
-    return _experiment("bench_clients", "bench-clients", argv)
+    from lorm_jax.bench import clients
+    return _module_verb("bench-clients", clients.main, argv)
 
 
 def bench_accelerator_main(argv: list[str]):
-    return _experiment("bench_accelerator", "bench-accelerator", argv)
+    from lorm_jax.bench import accelerator
+    return _module_verb("bench-accelerator", accelerator.main, argv)
 
 
 VERBS: dict[str, Verb] = {
@@ -203,24 +195,24 @@ VERBS: dict[str, Verb] = {
     "report": Verb("summary tables of finished runs (their results.json)", "WORKDIR [WORKDIR ...]",
                    "lorm-jax report runs/tiny runs/default", report_main),
     "compare": Verb("methods x Dirichlet beta x seeds on one config: a markdown table and a plot "
-                    "(experiments/compare.py; resumable)",
+                    "(lorm_jax.compare; resumable)",
                     "--config FILE[:ARG] [--methods M,M] [--betas B,B] [--seeds S,S] [--data_seeds S,S] [--out DIR] "
                     "[--reuse_only] "
                     "[--progress] [--config.KEY=VALUE ...]",
                     "lorm-jax compare --config configs/tiny.py --methods lorm,fedavg_lora --betas 0.5,0.1 --seeds 0,1 "
                     "--out runs/compare/tiny",
                     compare_main),
-    "bench-merge": Verb("time the jitted LoRM merge against a float64 pinv loop (experiments/bench_merge.py)",
+    "bench-merge": Verb("time the jitted LoRM merge against a float64 pinv loop (lorm_jax.bench.merge)",
                         "[--quick] [--json OUT] [--x64] [--models M ...] [--factors F ...] [--grams G ...] "
                         "[--ranks R ...] [--clients K] [--repeats N] [--baseline-budget S] [--call-timeout S] "
                         "[--seed N]",
                         "lorm-jax bench-merge --quick --json merge.json", bench_merge_main),
     "bench-clients": Verb("local-training throughput on Dirichlet-sized clients: padded vmap vs lanes vs a loop over "
-                          "clients (experiments/bench_clients.py)",
+                          "clients (lorm_jax.bench.clients)",
                           "[--quick] [--json OUT] [--markdown OUT] [--backbones NAME,NAME] [--betas B,B]",
                           "lorm-jax bench-clients --quick --json clients.json", bench_clients_main),
     "bench-accelerator": Verb("the paper-scale round and merges on an accelerator, next to the reference's PyTorch "
-                              "loop (experiments/bench_accelerator.py)",
+                              "loop (lorm_jax.bench.accelerator)",
                               "[flags: lorm-jax bench-accelerator --help]", "lorm-jax bench-accelerator",
                               bench_accelerator_main),
 }

@@ -7,9 +7,11 @@ command line (``--config.data.n_train_per_class=200``).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import re
+import types
 from typing import Sequence
 
 import ml_collections
@@ -41,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.beta = 0.5                 # Dirichlet concentration (smaller = more label skew)
     c.data.min_samples = 6            # redraw the task's partition until every client has this many (reference: 6)
     c.data.classes_per_client = 2     # quantity mode
-    c.data.augment = "rrc"            # rrc (random resized crop + flip) | crop (resize, random crop, flip) | flip | none
+    c.data.augment = "rrc"            # rrc (random resized crop + flip) | crop (resize, random crop, flip) | flip
+                                      # | none
     c.data.crop_scale = (0.08, 1.0)
     c.data.interpolation = "bilinear"  # bilinear | bicubic (the reference resamples bicubically)
     c.data.test_resize_ratio = 0.0    # 0 = plain resize; e.g. 256/224 = resize then centre crop (reference)
@@ -77,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # else a multiple of the mesh size); results do not depend on it
     c.mesh_clients = 0                # devices on the mesh's `clients` axis (0 = every device of every process)
     c.merge_dtype = "float32"         # float64 needs jax_enable_x64
-    c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias: FedAvg)
+    c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias:
+                                      # FedAvg)
     c.merge_diagnostics = True        # per-round response-matching residuals of the merge in metrics.jsonl
     return c
 
@@ -338,19 +342,24 @@ def validate_rank(c: ml_collections.ConfigDict, lora_shapes: dict) -> None:
                               f"({path}) is {d_out}x{d_in}")
 
 
-def load_sibling(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
-    """``get_config(*args)`` of the config file ``name`` next to ``this_file`` (config files build on each other)."""
-    import importlib.util
-    import os
+def sibling_module(this_file: str, name: str) -> types.ModuleType:
+    """The Python file ``name`` next to ``this_file``, run as a fresh module: how a config file uses another config
+    file or a helper module beside it (config files are loaded by path, as ``--config FILE`` does, not imported as a
+    package, so ``import`` does not find their neighbours)."""
     path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
     spec = importlib.util.spec_from_file_location(f"lorm_jax_config_{os.path.splitext(name)[0]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(*args)
+    return module
+
+
+def load_sibling(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of the config file ``name`` next to ``this_file`` (config files build on each other)."""
+    return sibling_module(this_file, name).get_config(*args)
 
 
 def override(c: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
-    """Set ``{"data.beta": 0.1, ...}`` on ``c`` in place (dotted keys, like ``--config.data.beta=0.1``); returns ``c``."""
+    """Set ``{"data.beta": 0.1, ...}`` on ``c`` in place (dotted keys, as ``--config.data.beta=0.1``); returns c."""
     for key, value in dotted.items():
         target = c
         *parents, leaf = key.split(".")

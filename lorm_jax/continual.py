@@ -28,11 +28,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorm_jax import checkpointing, distributed, ledger, metrics, plotting, rounds, workdir as workdir_lib
+from lorm_jax import checkpointing, distributed, ledger, metrics, plotting, rounds
 from lorm_jax import config as config_lib
 from lorm_jax import data as data_lib
+from lorm_jax import workdir as workdir_lib
+
 # Moved in the restructure; importable from here as before.
-from lorm_jax.metrics import continual_metrics as summarize, gram_conditioning  # noqa: F401
+from lorm_jax.metrics import continual_metrics as summarize  # noqa: F401
 from lorm_jax.plan import Schedule, Setup, build_setup, partition_digest, with_partitions  # noqa: F401
 from lorm_jax.rng import GRAM_STREAM, TRAIN_STREAM, client_keys  # noqa: F401
 from lorm_jax.rounds import client_training, end_task, evaluate, initial_state, lane_layout, run_round  # noqa: F401
@@ -169,7 +171,7 @@ def _data_split(name: str):
 
 
 def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
-    """``results.json`` (metrics of the accuracy matrix, communication, utilisation, config), plots, ``run_info.json``."""
+    """Write ``results.json`` (accuracy metrics, communication, utilisation, config), plots and ``run_info.json``."""
     acc = np.asarray(state["acc"])
     sizes = np.asarray([len(t) for t in setup.task_test])
     lines = workdir_lib.read_metrics(workdir)

@@ -24,7 +24,8 @@ order.
 Shapes used throughout::
 
     lanes       {"idx", "mask": [P, T, batch], "client", "step", "slot", "first": [P, T]}   (batching.lane_schedule)
-    packed      {"idx", "mask", "step", "position": [D, NB, G, b], "block_client": [D, NB, G]}  (batching.packed_schedule)
+    packed      {"idx", "mask", "step", "position": [D, NB, G, b], "block_client": [D, NB, G]}
+                (batching.packed_schedule)
     keys        [K]               one PRNG key per client (fold_in chain of seed, task, round, client, stream)
     lora        {path: {"A": [r, d_in], "B": [d_out, r]}}     (client-stacked: leading K)
     head        {"w": [C, F], "b": [C]}                       (paper layout: logits = f Wᵀ + b)
@@ -43,8 +44,9 @@ import optax
 
 from lorm_jax import lora as lora_lib
 from lorm_jax import merging, sharding, trees
-from lorm_jax.objective import head_logits, make_optimizer, masked_cross_entropy
 from lorm_jax.backbones.common import GramSpec, layer_gram
+from lorm_jax.objective import head_logits, make_optimizer, masked_cross_entropy
+
 
 def example_keys(key: jax.Array, step, batch: int, position=None) -> jax.Array:
     """Per-example augmentation keys of step ``step`` of a client's stream with key ``key``:
@@ -248,7 +250,8 @@ def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packe
                      num_clients=int(keys.shape[0]))
 
 
-def count_correct(programs: ClientPrograms, params, head, data, packed: dict, class_mask, num_segments: int) -> np.ndarray:
+def count_correct(programs: ClientPrograms, params, head, data, packed: dict, class_mask,
+                  num_segments: int) -> np.ndarray:
     """Correct top-1 predictions (logits outside ``class_mask`` removed) per segment of a packed pass over test
     examples, e.g. per task: ``[num_segments]`` on the host."""
     mesh = programs.mesh

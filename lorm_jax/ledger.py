@@ -1,10 +1,11 @@
 """The communication ledger: bytes one client uploads and downloads in a unit, summed over the very arrays that cross
-the network (their shapes and dtypes, not a formula). What crosses is declared by the method (:mod:`lorm_jax.methods.common` lists the
-vocabulary): after a round a client sends its trained factor(s), the backbone Grams if the server merge needs them, the
-current task's head rows, the head Gram for a RegMean head, and its sample count; before a round it receives the
-factor(s) the server changed and the task's head rows. At the end of a task, methods whose cross-task merge needs
-statistics (``task_grams``) send the Grams of the merged task LoRA, after receiving the last merged factor. Every
-client exchanges arrays of the same shapes, so per-client bytes are ``bytes of the client-stacked array / K``.
+the network (their shapes and dtypes, not a formula). What crosses is declared by the method
+(:mod:`lorm_jax.methods.common` lists the vocabulary): after a round a client sends its trained factor(s), the
+backbone Grams if the server merge needs them, the current task's head rows, the head Gram for a RegMean head, and
+its sample count; before a round it receives the factor(s) the server changed and the task's head rows. At the end of
+a task, methods whose cross-task merge needs statistics (``task_grams``) send the Grams of the merged task LoRA,
+after receiving the last merged factor. Every client exchanges arrays of the same shapes, so per-client bytes are
+``bytes of the client-stacked array / K``.
 
 Assumptions: every client takes part in every round and keeps what it received (so it holds the unchanged factor, the
 past task factors the filler Gram network needs, and needs no re-send); a fresh task's LoRA is sent (not re-derived

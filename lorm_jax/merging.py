@@ -298,7 +298,9 @@ def merge_lora_A(a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
 
 
 def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
-    """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``. b [K, d_out, r], a [r, d_in] → [d_out, r].
+    """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``.
+
+    b [K, d_out, r], a [r, d_in] → [d_out, r].
 
     Only an r×r system is solved; with diagonal Grams ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
     """
@@ -418,7 +420,8 @@ def regmean_tree(weights: dict, grams: dict, *, dtype=None) -> dict:
 def solve_gram_tree(e: dict, grams: dict, *, dtype=None) -> dict:
     """``{path: E G^+}`` for running sums ``E = Σ_τ ΔW_τ G_τ`` [d_out, d_in] and ``G = Σ_τ G_τ`` (cross-task merge)."""
     grams = {p: grams[p] for p in e}
-    return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams, sequential=_any_full(grams, client_axis=False))
+    return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams,
+                      sequential=_any_full(grams, client_axis=False))
 
 
 def fedavg_tree(tree, weights: jax.Array | None = None):

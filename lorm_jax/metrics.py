@@ -89,9 +89,9 @@ _residuals_tree = jax.jit(merging.merge_residuals_tree, static_argnames="dtype")
 def merge_diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
     """How well a round's merge reproduces the clients' responses: per LoRA layer the relative response-matching
     residual of the merged ``ΔW = B A`` against the clients' own ``ΔW_k = B_k A_k`` on their Grams, and the same at the
-    ideal RegMean ``ΔW*`` of the clients' deltas (:func:`lorm_jax.merging.merge_residuals`), as mean and max over layers:
-    ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients (``num_samples`` = 0)
-    have zero Grams and drop out."""
+    ideal RegMean ``ΔW*`` of the clients' deltas (:func:`lorm_jax.merging.merge_residuals`), as mean and max over
+    layers: ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients
+    (``num_samples`` = 0) have zero Grams and drop out."""
     client_lora = common.keep_included(client_lora, num_samples)
     per_layer = _residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
     values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]

@@ -51,7 +51,8 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
 
 
 def make_optimizer(lr_factor, lr_head, weight_decay: float) -> optax.GradientTransformation:
-    """AdamW with two parameter groups, as the reference builds it anew every round: {LoRA factor: lr_factor, head: lr_head}.
+    """AdamW with two parameter groups, built anew every round as the reference does: LoRA factor ``lr_factor``, head
+    ``lr_head``.
 
     ``lr_factor`` may be traced (it depends on which factor trains), so building this inside a jitted function never
     retraces when the phase flips.

@@ -142,6 +142,11 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
                  programs=programs, method=method, merges=methods.compile_merges(method))
 
 
+def with_method(setup: Setup, method: methods.Method) -> Setup:
+    """The setup with another method and its compiled merges (replacing ``method`` alone would keep the old merges)."""
+    return dataclasses.replace(setup, method=method, merges=methods.compile_merges(method))
+
+
 def with_partitions(setup: Setup, partitions: list) -> Setup:
     """The setup with other client partitions (e.g. a client emptied), its schedule replanned for them: the lanes and
     packed passes are laid out from the partitions, so replacing ``partitions`` alone would leave them stale."""

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorm_jax import federated, ledger, merging, metrics, rng, sharding, trees
 from lorm_jax import data as data_lib
+from lorm_jax import federated, ledger, merging, metrics, rng, sharding, trees
 from lorm_jax import lora as lora_lib
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup

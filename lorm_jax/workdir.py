@@ -32,7 +32,8 @@ def check_config(workdir: str, config, write: bool = True) -> None:
             previous = config_lib.with_added_keys(json.load(f))  # recorded before a key existed: its default
         if previous != current:
             diff = first_difference(previous, current)
-            raise ValueError(f"{workdir} holds a run with a different config ({diff}); use a new --workdir or delete it")
+            raise ValueError(f"{workdir} holds a run with a different config ({diff}); use a new --workdir or delete "
+                             "it")
     elif write:
         os.makedirs(workdir, exist_ok=True)
         write_json(path, current, indent=2, sort_keys=True)

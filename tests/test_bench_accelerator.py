@@ -1,29 +1,17 @@
-"""experiments/bench_accelerator.py at tiny size: the lorm_jax half end to end through the engine, the FLOP model, the
+"""lorm_jax.bench.accelerator at tiny size: the lorm_jax half end to end through the engine, the FLOP model, the
 peak table, the ratio lines, and the PyTorch model of the reference's loop (skipped where torch is not installed)."""
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name):
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lorm_jax.bench import accelerator
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_accelerator")
+    return accelerator
 
 
 def test_vit_flops_reproduce_the_published_vit_b16_count(bench):
@@ -63,7 +51,7 @@ def test_ratio_lines(bench):
 
 @pytest.mark.slow
 def test_tiny_run_through_the_engine(bench, tmp_path):
-    """The lorm_jax half at tiny size on CPU: a round through continual.run_round with its phases timed, a second
+    """The lorm_jax half at tiny size on CPU: a round through rounds.run_round with its phases timed, a second
     round that compiles nothing, the model FLOP/s, the four full-model merges, JSON and markdown written."""
     out = tmp_path / "ba"
     assert bench.main(["--tiny", "--no-torch", "--dtypes", "float32", "--out", str(out)]) == 0
@@ -92,7 +80,7 @@ TINY_ARCH = dict(image_size=16, patch=8, width=16, depth=1, heads=2, mlp=32)
 
 def test_reference_round_and_merges_in_torch():
     torch = pytest.importorskip("torch")
-    ref = _load("reference_torch")
+    from lorm_jax.bench import reference_torch as ref
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(30, 8, 8, 3), dtype=np.uint8)

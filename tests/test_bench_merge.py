@@ -1,21 +1,17 @@
-"""experiments/bench_merge.py on a tiny layer set: the rows it returns, their accuracy, the table and the CLI."""
-import importlib.util
+"""lorm_jax.bench.merge (``lorm-jax bench-merge``) on a tiny layer set: the rows it returns, their accuracy, the table
+and the CLI."""
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_merge.py"
+from lorm_jax.bench import merge
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_merge", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return merge
 
 
 TINY = {"tiny": {"block_0/attn/qkv": (24, 8), "block_0/attn/proj": (8, 8),
@@ -77,7 +73,8 @@ def test_cli_json(bench, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out), "--clients", "2"]) == 0
     data = json.loads(out.read_text())
-    assert [(r["factor"], r["gram"], r["r"], r["K"]) for r in data["rows"]] == [("A", "full", 8, 2), ("A", "diag", 8, 2)]
+    rows = [(r["factor"], r["gram"], r["r"], r["K"]) for r in data["rows"]]
+    assert rows == [("A", "full", 8, 2), ("A", "diag", 8, 2)]
     assert data["machine"]["cpu_count"] and data["date"]
     assert "| model |" in capsys.readouterr().out
 

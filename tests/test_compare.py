@@ -1,28 +1,21 @@
-"""experiments/compare.py on the tiny config: 2 methods × 1 β × 1 seed, table, plot, resumable reuse (also of runs
-recorded before data.seed / head_init / forgetting_reference existed), CLI; seed sweeps and their table (no training)."""
+"""lorm_jax.compare on the tiny config: 2 methods × 1 β × 1 seed, table, plot, resumable reuse (also of runs
+recorded before data.seed / head_init / forgetting_reference existed), CLI; seed sweeps and their table (no
+training)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+from conftest import ONE_BLOCK, REPO, small_flags
+from conftest import small_config as _small
 
+from lorm_jax import compare, continual, metrics
 from lorm_jax import config as config_lib
-from lorm_jax import continual
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-sys.path.insert(0, REPO)
-
-import compare  # noqa: E402
-
-SMALL = {"backbone.options.depth": 1, "data.options.num_classes": 4, "data.options.n_train": 40,
-         "data.options.n_test": 12, "rounds": 1, "epochs": 1, "eval_every_round": False}
 
 
 def small_config():
-    from configs import tiny
-    return config_lib.override(tiny.get_config(), **SMALL)
+    """The suite's small config with a 1-block ViT and a single round per task."""
+    return _small(**ONE_BLOCK, rounds=1)
 
 
 @pytest.mark.slow
@@ -67,8 +60,8 @@ def test_compare_two_methods_then_reuse_through_the_cli(tmp_path, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
     monkeypatch.setattr(continual, "build_setup", no_compute)
-    argv = ["compare.py", "--config", os.path.join(REPO, "configs/tiny.py"), "--methods", "lorm,fedavg_lora",
-            "--betas", "0.5", "--seeds", "0", "--out", out] + [f"--config.{k}={v}" for k, v in SMALL.items()]
+    argv = ["lorm-jax compare", "--config", os.path.join(REPO, "configs/tiny.py"), "--methods", "lorm,fedavg_lora",
+            "--betas", "0.5", "--seeds", "0", "--out", out] + small_flags(**ONE_BLOCK, rounds=1)
     assert compare.main(argv).replace("### tiny\n\n", "") == table.replace("### tiny\n\n", "")
     # --reuse_only tabulates the finished runs and leaves the missing one (ffa_lora) out, training nothing
     reuse = compare.main(argv[:4] + ["lorm,ffa_lora,fedavg_lora"] + argv[5:] + ["--reuse_only"])
@@ -100,7 +93,7 @@ def fake_run(calls):
         acc = 0.5 + 0.01 * config.seed + 0.1 * config_lib.data_seed(config)
         matrix = np.array([[acc + 0.1, np.nan], [acc, acc]])
         return {"accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in matrix],
-                "test_sizes": [5, 5], **continual.summarize(matrix, np.array([5, 5]))}
+                "test_sizes": [5, 5], **metrics.continual_metrics(matrix, np.array([5, 5]))}
     return run
 
 

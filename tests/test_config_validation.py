@@ -1,24 +1,15 @@
 """Bad configs fail before any compute with one ValueError naming the key, the value and what is allowed (the
 command line's handling of it: test_cli.py)."""
 import math
-import os
 import sys
 
 import jax
 import ml_collections
 import pytest
+from conftest import REPO, tiny_config
 
 from lorm_jax import config as config_lib
-from lorm_jax import continual
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    from configs import tiny
-    return tiny.get_config()
+from lorm_jax import plan
 
 
 def unchecked(**dotted) -> ml_collections.ConfigDict:
@@ -127,7 +118,7 @@ def test_data_and_backbone_dependent_values_are_refused_in_build_setup(key, valu
         c.backbone.options = {"path": value}
     config_lib.validate(c)  # statically fine: what is wrong depends on the data, the backbone or the machine
     with pytest.raises(ValueError) as e:
-        continual.build_setup(c)
+        plan.build_setup(c)
     msg = str(e.value)
     assert f"config.{key} = " in msg, msg
     assert allowed in msg, msg

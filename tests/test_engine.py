@@ -8,38 +8,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, TINY, small_config
 
-from lorm_jax import config as config_lib
-from lorm_jax import continual, federated
+from lorm_jax import continual, federated, metrics, plan, rng, rounds, testing
 from lorm_jax import data as data_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config(**overrides):
-    """configs/tiny.py made smaller still: 2 tasks × 2 classes, 2 rounds, 1 epoch."""
-    sys.path.insert(0, REPO)
-    from configs import tiny
-    c = tiny.get_config()
-    c.data.options = {"num_classes": 4, "n_train": 40, "n_test": 12, "image_size": 16, "seed": 0}
-    c.rounds, c.epochs = 2, 1
-    c.eval_every_round = False
-    return config_lib.override(c, **overrides)
+from lorm_jax import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return continual.build_setup(small_config())
+    return plan.build_setup(small_config())
 
 
 def test_only_the_phase_factor_and_task_rows_train(setup):
-    state = continual.initial_state(setup)
+    state = rounds.initial_state(setup)
     for rnd, frozen in ((0, "A"), (1, "B")):  # LoRM: B in round 0, A in round 1
-        out, _ = continual.client_training(setup, state["lora"], state["head"], 0, rnd)
+        out, _ = rounds.client_training(setup, state["lora"], state["head"], 0, rnd)
         for p, f in out["lora"].items():
             np.testing.assert_array_equal(np.asarray(f[frozen]), np.broadcast_to(state["lora"][p][frozen],
                                                                                f[frozen].shape))
-    rows = continual._task_rows(setup, 0)
+    rows = rounds.task_rows(setup, 0)
     w = np.asarray(out["head"]["w"])
     np.testing.assert_array_equal(w[:, ~rows], np.broadcast_to(state["head"]["w"][~rows], w[:, ~rows].shape))
     assert not np.allclose(w[:, rows], state["head"]["w"][rows])
@@ -52,22 +40,22 @@ def test_lorm_round_with_identical_clients_returns_their_factor(setup):
     K = c.num_clients
     part = setup.partitions[0][0]
     own_idx, own_mask = data_lib.client_schedule([part], c.batch_size, c.epochs, np.random.default_rng(0))
-    same_keys = jnp.stack([continual.client_keys(0, 0, 0, np.arange(1), 0)[0]] * K)
+    same_keys = jnp.stack([rng.client_keys(0, 0, 0, np.arange(1), rng.TRAIN_STREAM)[0]] * K)
     lanes = data_lib.lane_schedule([own_idx[0]] * K, [own_mask[0]] * K, data_lib.pack_lanes([len(own_idx[0])] * K, 2),
                                    num_steps=K * len(own_idx[0]), num_slots=K + 1)
     packed = data_lib.packed_schedule([part] * K, c.batch_size, 1, block=1, blocks_per_batch=c.batch_size)
-    state = continual.initial_state(setup)
-    rows = jnp.asarray(continual._task_rows(setup, 0))
-    for train_a, factor in ((False, "B"), (True, "A")):
+    state = rounds.initial_state(setup)
+    rows = jnp.asarray(rounds.task_rows(setup, 0))
+    for factor in ("B", "A"):
         lora0 = state["lora"]
-        if train_a:  # A only learns once B != 0
+        if factor == "A":  # A only learns once B != 0
             lora0 = {p: {"A": f["A"], "B": 0.1 * np.ones_like(f["B"])} for p, f in lora0.items()}
-        out = federated.train_clients(setup.fns, setup.backbone.params, setup.train, lora0, state["head"], lanes,
-                                      same_keys, (float(train_a), 1.0 - float(train_a)), 1e-2, rows)
-        grams, head_grams = federated.client_grams(setup.fns, setup.backbone.params, setup.train, out["lora"], packed,
-                                                   same_keys, 1.0)
-        lora, head = setup.method.merge_round(out["lora"], grams, out["head"], head_grams, jnp.ones(K), factor, rows,
-                                              state["head"])
+        out = federated.train_clients(setup.programs, setup.backbone.params, setup.train, lora0, state["head"], lanes,
+                                      same_keys, factor, 1e-2, rows)
+        grams, head_grams = federated.client_grams(setup.programs, setup.backbone.params, setup.train, out["lora"],
+                                                   packed, same_keys, 1.0)
+        lora, head = setup.merges.round(out["lora"], grams, out["head"], head_grams, jnp.ones(K), factor, rows,
+                                        state["head"])
         for p in lora:
             np.testing.assert_allclose(lora[p][factor], out["lora"][p][factor][0], rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(head["w"], out["head"]["w"][0], rtol=2e-4, atol=1e-6)
@@ -87,9 +75,12 @@ def test_resumed_run_is_identical(tmp_path):
     assert np.isfinite(full["forgetting"])
 
     interrupted = str(tmp_path / "resumed")
-    assert continual.run(config, interrupted, stop_after_units=2, progress=False) is None
+    with pytest.raises(testing.StopRun):
+        continual.run(config, interrupted, progress=False, hooks=testing.stop_after(2))
     assert not os.path.exists(os.path.join(interrupted, "results.json"))
-    assert continual.run(config, interrupted, stop_after_units=4, progress=False) is None
+    with pytest.raises(testing.StopRun):  # resumes at unit 2, stops after unit 3
+        continual.run(config, interrupted, progress=False, hooks=testing.stop_after(4))
+    assert not os.path.exists(os.path.join(interrupted, "results.json"))
     resumed = continual.run(config, interrupted, progress=False)
     assert resumed == full
     with open(os.path.join(interrupted, "metrics.jsonl")) as f:
@@ -129,14 +120,14 @@ def test_lanes_change_nothing_in_a_run(tmp_path):
 
 def test_workdir_with_other_config_is_refused(tmp_path):
     workdir = str(tmp_path / "w")
-    continual._check_workdir_config(workdir, small_config())
+    workdir_lib.check_config(workdir, small_config())
     with pytest.raises(ValueError, match="config.rank"):
-        continual._check_workdir_config(workdir, small_config(rank=2))
+        workdir_lib.check_config(workdir, small_config(rank=2))
 
 
 def test_summarize_metrics():
     acc = np.array([[0.9, np.nan, np.nan], [0.7, 0.8, np.nan], [0.6, 0.5, 0.9]])
-    m = continual.summarize(acc, np.array([10, 10, 20]))
+    m = metrics.continual_metrics(acc, np.array([10, 10, 20]))
     assert m["final_average_accuracy"] == pytest.approx((6 + 5 + 18) / 40)
     assert m["final_average_accuracy_task_mean"] == pytest.approx(2.0 / 3)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
@@ -148,8 +139,8 @@ def test_summarize_metrics():
 def test_cli_tiny_run(tmp_path):
     """The CI smoke run: `lorm-jax run --config configs/tiny.py` end to end, well above chance (1/6)."""
     workdir = str(tmp_path / "tiny")
-    proc = subprocess.run([sys.executable, "-m", "lorm_jax.cli", "run", "--config", os.path.join(REPO, "configs/tiny.py"),
-                           "--workdir", workdir, "--noprogress"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "lorm_jax.cli", "run", "--config", TINY, "--workdir", workdir,
+                           "--noprogress"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(workdir)
     assert results["final_average_accuracy"] > 0.4
@@ -165,10 +156,10 @@ def test_a_repeated_round_compiles_nothing():
     that trains the same factor on the same shapes compiles nothing (eager merges re-compiled each ``lax.cond``)."""
     import logging
     # full backbone Grams: the merge switches between Cholesky and the eigh pseudo-inverse with a lax.cond
-    setup = continual.build_setup(small_config(rounds=3, alpha_backbone=0.5, eval_every_round=True))
-    state = continual.initial_state(setup)
-    state, _ = continual.run_round(setup, state, 0, 0)  # B
-    state, _ = continual.run_round(setup, state, 0, 1)  # A
+    setup = plan.build_setup(small_config(rounds=3, alpha_backbone=0.5, eval_every_round=True))
+    state = rounds.initial_state(setup)
+    state, _ = rounds.run_round(setup, state, 0, 0)  # B
+    state, _ = rounds.run_round(setup, state, 0, 1)  # A
     compiled = []
     handler = logging.Handler()
     handler.emit = lambda record: compiled.append(record.getMessage())
@@ -176,7 +167,7 @@ def test_a_repeated_round_compiles_nothing():
     logger.addHandler(handler)
     try:
         with jax.log_compiles(True):
-            continual.run_round(setup, state, 0, 2)  # B again
+            rounds.run_round(setup, state, 0, 2)  # B again
     finally:
         logger.removeHandler(handler)
     assert not [m for m in compiled if "Finished XLA compilation" in m], compiled

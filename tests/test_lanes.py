@@ -10,17 +10,18 @@ state is off by O(lr).
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import small_config
 
-from lorm_jax import continual, federated
+from lorm_jax import federated, objective, plan, rng, rounds, sharding
 from lorm_jax import lora as lora_lib
 from lorm_jax.backbones.common import GramSpec, layer_gram
-from lorm_jax.data import batching
-from tests._tiny import tiny_config
+from lorm_jax.data import batching, inputs
 
 X64 = functools.partial(jax.enable_x64, True)
 TINY_VIT_64 = {"image_size": 16, "patch": 4, "width": 32, "depth": 1, "heads": 2, "mlp": 64, "seed": 0,
@@ -94,20 +95,20 @@ def test_packed_schedule_keeps_every_example_and_its_stream_position(block, shar
 @pytest.fixture(scope="module")
 def setup64():
     with X64():
-        return continual.build_setup(tiny_config(num_clients=5, **{"backbone.options": TINY_VIT_64,
-                                                                   "data.min_samples": 1, "data.beta": 0.3}))
+        return plan.build_setup(small_config(num_clients=5, **{"backbone.options": TINY_VIT_64,
+                                                               "data.min_samples": 1, "data.beta": 0.3}))
 
 
 def _as64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def reference_training(setup, lora, head, own_idx, own_mask, keys, phase, lr, class_mask):
+def reference_training(setup, lora, head, own_idx, own_mask, keys, factor, lr, class_mask):
     """Each client alone, one jitted AdamW step at a time (an independent re-statement of local training)."""
     bb, c = setup.backbone, setup.config
-    prepare = continual._make_prepare(c, bb, setup.dataset.kind)
-    tx = federated.make_optimizer(lr, c.lr, c.weight_decay)
-    trains = lora_lib.phase_mask(lora, *phase)
+    prepare = inputs.make_prepare(c, bb, setup.dataset.kind)
+    tx = objective.make_optimizer(lr, c.lr, c.weight_decay)
+    trains = lora_lib.factor_mask(lora, float("A" in factor), float("B" in factor))
 
     @jax.jit
     def step(params, opt_state, idx, mask, key):
@@ -115,7 +116,7 @@ def reference_training(setup, lora, head, own_idx, own_mask, keys, phase, lr, cl
 
         def loss_fn(p):
             features, _ = bb.apply(bb.params, p["lora"], inputs)
-            return federated.masked_cross_entropy(federated.head_logits(p["head"], features), labels, class_mask,
+            return objective.masked_cross_entropy(objective.head_logits(p["head"], features), labels, class_mask,
                                                   mask.astype(jnp.float64))
         loss, grads = jax.value_and_grad(loss_fn)(params)
         grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], trains), "head": grads["head"]}
@@ -135,14 +136,13 @@ def reference_training(setup, lora, head, own_idx, own_mask, keys, phase, lr, cl
     return out
 
 
-@pytest.mark.parametrize("num_lanes", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow),
-                                       pytest.param(5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("num_lanes", [pytest.param(n, marks=pytest.mark.slow) if n != 2 else n for n in (1, 2, 3, 5)])
 def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
     """Acceptance (#15): for several P, every client's trained factor, head, loss and step count equal a plain loop
     over that client's own batches; client 1 holds no data (0 steps: it returns the server's parameters)."""
     with X64():
         s, c = setup64, setup64.config
-        state = continual.initial_state(s)
+        state = rounds.initial_state(s)
         lora = _as64({p: {"A": f["A"], "B": 0.1 + 0 * f["B"]} for p, f in state["lora"].items()})  # A gets gradients
         head = _as64(state["head"])
         parts = [p.copy() for p in s.partitions[0]]
@@ -151,21 +151,21 @@ def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
         steps = batching.steps_per_client([len(p) for p in parts], c.batch_size, 2)
         own_idx = [o[0][0, :n] for o, n in zip(own, steps)]
         own_mask = [o[1][0, :n] for o, n in zip(own, steps)]
-        keys = continual.client_keys(3, 0, 0, np.arange(len(parts)), continual.TRAIN_STREAM)
-        rows = continual._task_rows(s, 0)
-        phase = (1.0, 1.0)  # both factors and the head move: every output is checked
+        keys = rng.client_keys(3, 0, 0, np.arange(len(parts)), rng.TRAIN_STREAM)
+        rows = rounds.task_rows(s, 0)
+        factor = "AB"  # both factors and the head move: every output is checked
         lanes = batching.lane_schedule(own_idx, own_mask, batching.pack_lanes(steps, num_lanes),
                                        num_steps=int(steps.sum()) + 2, num_slots=len(parts) + 2)
-        got = federated.numpy_tree(federated.train_clients(s.fns, s.backbone.params, s.train, lora, head, lanes,
-                                                           keys, phase, 3e-3, rows))
-        want = reference_training(s, lora, head, own_idx, own_mask, keys, phase, 3e-3, rows)
+        got = sharding.gather(federated.train_clients(s.programs, s.backbone.params, s.train, lora, head, lanes,
+                                                      keys, factor, 3e-3, rows))
+        want = reference_training(s, lora, head, own_idx, own_mask, keys, factor, 3e-3, rows)
     assert steps[1] == 0 and steps.max() > 1
     for k, w in enumerate(want):
         assert int(got["num_steps"][k]) == w["num_steps"] and bool(got["finite"][k])
         # ≤ 10 steps of ≲ 1e-10 each (module docstring): parameters within 1e-9, losses likewise
         np.testing.assert_allclose(got["loss"][k], w["loss"], rtol=1e-9, atol=1e-9)
-        for name in ("lora", "head"):
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=0, atol=1e-9), got[name], w[name])
+        client_k = jax.tree.map(lambda x: x[k], {"lora": got["lora"], "head": got["head"]})
+        chex.assert_trees_all_close(client_k, {"lora": w["lora"], "head": w["head"]}, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(got["head"]["w"][1], head["w"])  # the empty client is the server's model
 
 
@@ -175,8 +175,8 @@ def test_loop_buffers_change_nothing(setup64):
     steps are never executed."""
     with X64():
         s, c = setup64, setup64.config
-        state = continual.initial_state(s)
-        lanes = continual.lane_layout(s, 0, 0)
+        state = rounds.initial_state(s)
+        lanes = rounds.lane_layout(s, 0, 0)
         outs = []
         for extra in (0, 5):
             lay = batching.lane_schedule(
@@ -185,11 +185,11 @@ def test_loop_buffers_change_nothing(setup64):
                 [lanes["mask"][lanes["lane_of"][k], lanes["client"][lanes["lane_of"][k]] == k]
                  for k in range(c.num_clients)],
                 s.schedule.members[0], lanes["idx"].shape[1] + extra, lanes["num_slots"] + extra)
-            outs.append(federated.numpy_tree(federated.train_clients(
-                s.fns, s.backbone.params, s.train, state["lora"], state["head"], lay,
-                continual.client_keys(0, 0, 0, np.arange(c.num_clients), 0), (0.0, 1.0), 1e-2,
-                continual._task_rows(s, 0))))
-    jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
+            outs.append(sharding.gather(federated.train_clients(
+                s.programs, s.backbone.params, s.train, state["lora"], state["head"], lay,
+                rng.client_keys(0, 0, 0, np.arange(c.num_clients), rng.TRAIN_STREAM), "B", 1e-2,
+                rounds.task_rows(s, 0))))
+    chex.assert_trees_all_equal(outs[0], outs[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_loop_buffers_change_nothing(setup64):
 def reference_grams(setup, params, client_lora, keys, scale):
     """Each client's Grams from its own examples alone: the unsegmented backbone Grams of every stream batch."""
     c, bb = setup.config, setup.backbone
-    prepare = continual._make_prepare(c, bb, setup.dataset.kind)
+    prepare = inputs.make_prepare(c, bb, setup.dataset.kind)
     stream = c.gram_batch_size or c.batch_size
     b_mode = "diag" if c.alpha_backbone == 0 else "full"
     h_mode = "diag" if c.alpha_head == 0 else "full"
@@ -236,16 +236,16 @@ def test_packed_grams_equal_per_client_grams(kind, alpha):
                                      "compute_dtype": "float64"},
                 "data.options": {"num_classes": 4, "n_train": 40, "n_test": 12, "seed": 0}}
     with X64():
-        s = continual.build_setup(tiny_config(num_clients=4, alpha_backbone=alpha, alpha_head=alpha, gram_passes=2,
-                                              gram_batch_size=8, **{"data.min_samples": 1, "data.beta": 0.3}, **opts))
-        rng = np.random.default_rng(0)
+        s = plan.build_setup(small_config(num_clients=4, alpha_backbone=alpha, alpha_head=alpha, gram_passes=2,
+                                          gram_batch_size=8, **{"data.min_samples": 1, "data.beta": 0.3}, **opts))
+        gen = np.random.default_rng(0)
         K = s.config.num_clients
-        client_lora = {p: {"A": jnp.asarray(rng.normal(size=(K, 4, d_in)) / np.sqrt(d_in)),
-                           "B": jnp.asarray(rng.normal(size=(K, d_out, 4)) * 0.1)}
+        client_lora = {p: {"A": jnp.asarray(gen.normal(size=(K, 4, d_in)) / np.sqrt(d_in)),
+                           "B": jnp.asarray(gen.normal(size=(K, d_out, 4)) * 0.1)}
                        for p, (d_out, d_in) in s.backbone.lora_shapes.items()}
-        keys = continual.client_keys(0, 0, 0, np.arange(K), continual.GRAM_STREAM)
-        grams, head = federated.numpy_tree(federated.client_grams(s.fns, s.backbone.params, s.train, client_lora,
-                                                                  s.schedule.gram_packed[0], keys, 0.5))
+        keys = rng.client_keys(0, 0, 0, np.arange(K), rng.GRAM_STREAM)
+        grams, head = sharding.gather(federated.client_grams(s.programs, s.backbone.params, s.train, client_lora,
+                                                             s.schedule.gram_packed[0], keys, 0.5))
         want = reference_grams(s, s.backbone.params, client_lora, keys, 0.5)
     if kind == "text":
         assert (np.asarray(s.train["attention_mask"]) == 0).any()  # padding tokens are there to be left out

@@ -1,16 +1,13 @@
 """The communication ledger: its byte counts are the sizes of the arrays a client really sends and receives, and the
 server merges read nothing beyond what the ledger counts."""
-import copy
-import dataclasses
-
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shared_setup, with_method
 
 from lorm_jax import config as config_lib
-from lorm_jax import continual, ledger, methods
-from tests._tiny import tiny_setup  # the same module (and setup cache) as test_methods / test_sharding
+from lorm_jax import ledger, methods, rounds
 
 F32 = 4
 
@@ -27,35 +24,31 @@ def _expected(setup, items, task_classes):
 
 @pytest.mark.slow
 def test_engine_ledger_counts_the_exchanged_arrays():
-    setup = tiny_setup()
+    setup = shared_setup()
     assert setup.config.alpha_backbone == 0 and setup.config.alpha_head > 0
     c_t = 2  # classes of task 0
     up_all = ("grams", "head", "head_gram", "num_samples")
 
-    def with_method(name):
-        return dataclasses.replace(setup, method=methods.get(name, setup.config))
-
-    s = with_method("lorm")
-    state, m0 = continual.run_round(s, continual.initial_state(s), 0, 0)  # B round; fresh task: A and B come down
+    s = with_method(setup, "lorm")
+    state, m0 = rounds.run_round(s, rounds.initial_state(s), 0, 0)  # B round; fresh task: A and B come down
     assert m0["upload_breakdown"] == _expected(s, ("B",) + up_all, c_t)
     assert m0["download_breakdown"] == _expected(s, ("A", "B", "head"), c_t)
-    state, m1 = continual.run_round(s, state, 0, 1)  # A round: only B (merged in round 0) changed at the server
+    state, m1 = rounds.run_round(s, state, 0, 1)  # A round: only B (merged in round 0) changed at the server
     assert m1["upload_breakdown"] == _expected(s, ("A",) + up_all, c_t)
     assert m1["download_breakdown"] == _expected(s, ("B", "head"), c_t)
     assert m1["upload_bytes"] == sum(m1["upload_breakdown"].values())
-    _, end = continual.end_task(s, state, 0)  # the last merged factor down, the task Grams up
+    _, end = rounds.end_task(s, state, 0)  # the last merged factor down, the task Grams up
     assert end["upload_breakdown"] == _expected(s, ("grams",), c_t)
     assert end["download_breakdown"] == _expected(s, ("A",), c_t)
 
-    s = with_method("fedavg_lora")
-    _, m = continual.run_round(s, continual.initial_state(s), 0, 0)
+    s = with_method(setup, "fedavg_lora")
+    _, m = rounds.run_round(s, rounds.initial_state(s), 0, 0)
     assert m["upload_breakdown"] == _expected(s, ("A", "B", "head", "head_gram", "num_samples"), c_t)
-    _, end = continual.end_task(s, continual.initial_state(s), 0)
+    _, end = rounds.end_task(s, rounds.initial_state(s), 0)
     assert end["upload_bytes"] == 0 and end["download_bytes"] == 0  # the task mean needs no statistics
 
-    s = dataclasses.replace(setup, method=methods.get("linear_probe", config_lib.override(
-        copy.deepcopy(setup.config), head_merge="fedavg")))
-    _, m = continual.run_round(s, continual.initial_state(s), 0, 1)
+    s = with_method(setup, "linear_probe", head_merge="fedavg")
+    _, m = rounds.run_round(s, rounds.initial_state(s), 0, 1)
     assert m["upload_breakdown"] == _expected(s, ("head", "num_samples"), c_t)
     assert m["download_breakdown"] == _expected(s, ("head",), c_t)
 
@@ -79,7 +72,7 @@ def test_summarize_totals():
     lines = [{"upload_bytes": 1_500_000, "download_bytes": 10, "upload_breakdown": {"B": 1_000_000, "grams": 500_000}},
              {"upload_bytes": 500_000, "download_bytes": 0, "upload_breakdown": {"B": 500_000}},
              {"accuracy": 0.5}]
-    s = ledger.summarize(lines)
+    s = ledger.totals(lines)
     assert s["upload_mb_per_client"] == pytest.approx(2.0) and s["download_bytes_per_client"] == 10  # float64: exact
     assert s["upload_bytes_per_client_by_item"] == {"B": 1_500_000, "grams": 500_000}
 
@@ -117,5 +110,4 @@ def test_merges_read_only_what_the_ledger_counts(name, rnd):
     other = ~np.asarray(rows)
     heads2 = {"w": heads["w"].at[:, other].add(1e3), "b": heads["b"].at[:, other].add(1e3)}
     got = method.merge_round(lora2, grams2, heads2, head_grams2, n, factor, rows, server)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-6)

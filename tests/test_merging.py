@@ -3,14 +3,19 @@
 Tolerances: a float32 merge against the float64 solution is bounded by :func:`tests._numerics.solve_bound` (κ of the
 Jacobi-scaled summed Gram times γ of the longest sum), computed from each test's own Grams; exact cases (small
 integers, powers of two) compare exactly.
+
+The merges' own tests (:class:`MergeVariantsTest`) run each merge both eagerly and under ``jax.jit``
+(``chex.variants``): the bounds hold for any summation order, so they hold for the compiled program too.
 """
 import itertools
 
+import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from lorm_jax import lora, merging
 from tests._numerics import U32, assert_within, gamma, solve_bound
@@ -52,43 +57,68 @@ def lstsq_B(b_k, a, eff):
 
 
 CASES = list(itertools.product([1, 3, 10], [1, 4], ["full", "diag", "shrunk"]))
+NAMED_CASES = [(f"K{K}_r{r}_{kind}", K, r, kind) for K, r, kind in CASES]
+KINDS = [(kind, kind) for kind in ("full", "diag", "shrunk")]
 
 
-@pytest.mark.parametrize("K,r,kind", CASES)
-def test_merge_A_matches_float64_lstsq(K, r, kind):
-    rng = np.random.default_rng(K * 100 + r)
-    d = 24
-    grams, eff = make_problem(rng, K, d, n=3 * d, kind=kind)
-    a_k = rng.normal(size=(K, r, d))
-    got = merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
-    assert got.dtype == jnp.float32 and got.shape == (r, d)
-    # E = Σ_k A_k G_k sums K·d products; measured ≤ 5e-7 (2-core EPYC), bound ~1e-5 .. 2e-4 by κ and K
-    assert rel_err(got, lstsq_A(a_k, eff)) < solve_bound(grams.sum(0), K * d)
+class MergeVariantsTest(chex.TestCase):
+    """The merge functions against float64 references, each eager (``*_without_jit``) and jitted (``*_with_jit``)."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*NAMED_CASES)
+    def test_merge_A_matches_float64_lstsq(self, K, r, kind):
+        rng = np.random.default_rng(K * 100 + r)
+        d = 24
+        grams, eff = make_problem(rng, K, d, n=3 * d, kind=kind)
+        a_k = rng.normal(size=(K, r, d))
+        got = self.variant(merging.merge_lora_A)(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
+        assert got.dtype == jnp.float32 and got.shape == (r, d)
+        # E = Σ_k A_k G_k sums K·d products; measured ≤ 5e-7 (2-core EPYC), bound ~1e-5 .. 2e-4 by κ and K
+        assert rel_err(got, lstsq_A(a_k, eff)) < solve_bound(grams.sum(0), K * d)
 
-@pytest.mark.parametrize("K,r,kind", CASES)
-def test_merge_B_matches_float64_lstsq(K, r, kind):
-    rng = np.random.default_rng(K * 100 + r + 7)
-    d_in, d_out = 20, 13
-    grams, eff = make_problem(rng, K, d_in, n=3 * d_in, kind=kind)
-    a = rng.normal(size=(r, d_in)) / np.sqrt(d_in)
-    b_k = rng.normal(size=(K, d_out, r))
-    got = merging.merge_lora_B(jnp.asarray(b_k, jnp.float32), jnp.asarray(a, jnp.float32),
-                               jnp.asarray(grams, jnp.float32))
-    assert got.dtype == jnp.float32 and got.shape == (d_out, r)
-    # B solves with A ΣG Aᵀ [r, r], whose entries sum K·d_in² products (measured ≤ 4e-7)
-    proj = a @ (grams.sum(0) if kind != "diag" else np.diag(grams.sum(0))) @ a.T
-    assert rel_err(got, lstsq_B(b_k, a, eff)) < solve_bound(proj, K * d_in * d_in)
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*NAMED_CASES)
+    def test_merge_B_matches_float64_lstsq(self, K, r, kind):
+        rng = np.random.default_rng(K * 100 + r + 7)
+        d_in, d_out = 20, 13
+        grams, eff = make_problem(rng, K, d_in, n=3 * d_in, kind=kind)
+        a = rng.normal(size=(r, d_in)) / np.sqrt(d_in)
+        b_k = rng.normal(size=(K, d_out, r))
+        got = self.variant(merging.merge_lora_B)(jnp.asarray(b_k, jnp.float32), jnp.asarray(a, jnp.float32),
+                                                 jnp.asarray(grams, jnp.float32))
+        assert got.dtype == jnp.float32 and got.shape == (d_out, r)
+        # B solves with A ΣG Aᵀ [r, r], whose entries sum K·d_in² products (measured ≤ 4e-7)
+        proj = a @ (grams.sum(0) if kind != "diag" else np.diag(grams.sum(0))) @ a.T
+        assert rel_err(got, lstsq_B(b_k, a, eff)) < solve_bound(proj, K * d_in * d_in)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*KINDS)
+    def test_regmean_matches_float64_lstsq(self, kind):
+        rng = np.random.default_rng(3)
+        K, d_in, d_out = 4, 16, 9
+        grams, eff = make_problem(rng, K, d_in, n=40, kind=kind)
+        w = rng.normal(size=(K, d_out, d_in))
+        got = self.variant(merging.regmean)(jnp.asarray(w, jnp.float32), jnp.asarray(grams, jnp.float32))
+        assert rel_err(got, lstsq_A(w, eff)) < solve_bound(grams.sum(0), K * d_in)  # measured ≤ 2e-7
 
-@pytest.mark.parametrize("kind", ["full", "diag", "shrunk"])
-def test_regmean_matches_float64_lstsq(kind):
-    rng = np.random.default_rng(3)
-    K, d_in, d_out = 4, 16, 9
-    grams, eff = make_problem(rng, K, d_in, n=40, kind=kind)
-    w = rng.normal(size=(K, d_out, d_in))
-    got = merging.regmean(jnp.asarray(w, jnp.float32), jnp.asarray(grams, jnp.float32))
-    assert rel_err(got, lstsq_A(w, eff)) < solve_bound(grams.sum(0), K * d_in)  # measured ≤ 2e-7
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_shrink_gram(self):
+        shrink = self.variant(merging.shrink_gram)
+        # exact: small integers times powers of two and 0.75, every product and sum is representable
+        g = jnp.asarray(np.arange(9.0).reshape(3, 3))
+        np.testing.assert_allclose(shrink(g, 0.25), 0.25 * g + 0.75 * jnp.diag(jnp.diagonal(g)))
+        np.testing.assert_allclose(shrink(g, 0.0), jnp.diag(jnp.diagonal(g)))
+        np.testing.assert_allclose(shrink(jnp.stack([g, 2 * g]), 1.0), jnp.stack([g, 2 * g]))
+        with pytest.raises(ValueError, match="d, d"):  # a shape error, raised while tracing under jit
+            shrink(jnp.ones((3, 4)), 0.5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_fedavg(self):
+        fedavg = self.variant(merging.fedavg)
+        x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]])  # exact: (1·1 + 3·3) / 4 = 2.5 etc. are representable
+        np.testing.assert_allclose(fedavg(x, jnp.asarray([1.0, 3.0])), [2.5, 5.0])
+        np.testing.assert_allclose(fedavg(x), [2.0, 4.0])
+        assert np.all(np.asarray(fedavg(x, jnp.zeros(2))) == 0)
 
 
 def objective_A(a, b, a_k, eff):
@@ -101,7 +131,7 @@ def objective_B(b, a, b_k, eff):
 
 @pytest.mark.parametrize("kind", [pytest.param("full", marks=pytest.mark.slow), "diag"])
 def test_merged_factors_minimise_response_matching(kind):
-    """Perturbing the merged factor in any direction never lowers Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖² (or the B analogue)."""
+    """Perturbing the merged factor in any direction never lowers Σ_k ‖X_k (B A)ᵀ − X_k (B A_k)ᵀ‖² (or B's analogue)."""
     rng = np.random.default_rng(11)
     K, r, d_in, d_out = 5, 3, 12, 10
     grams, eff = make_problem(rng, K, d_in, n=30, kind=kind)
@@ -187,23 +217,6 @@ def test_badly_scaled_features_stay_accurate():
     got = merging.merge_lora_A(jnp.asarray(a_k, jnp.float32), jnp.asarray(grams, jnp.float32))
     # Jacobi scaling removes the 1e-3 .. 1e3 scales, so the bound is κ of the scaled Gram (measured 3e-7)
     assert rel_err(got, lstsq_A(a_k, eff)) < solve_bound(grams.sum(0), 4 * 20)
-
-
-def test_shrink_gram():
-    # exact: small integers times powers of two and 0.75, every product and sum is representable
-    g = jnp.asarray(np.arange(9.0).reshape(3, 3))
-    np.testing.assert_allclose(merging.shrink_gram(g, 0.25), 0.25 * g + 0.75 * jnp.diag(jnp.diagonal(g)))
-    np.testing.assert_allclose(merging.shrink_gram(g, 0.0), jnp.diag(jnp.diagonal(g)))
-    np.testing.assert_allclose(merging.shrink_gram(jnp.stack([g, 2 * g]), 1.0), jnp.stack([g, 2 * g]))
-    with pytest.raises(ValueError, match="d, d"):
-        merging.shrink_gram(jnp.ones((3, 4)), 0.5)
-
-
-def test_fedavg():
-    x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]])  # exact: (1·1 + 3·3) / 4 = 2.5 etc. are representable
-    np.testing.assert_allclose(merging.fedavg(x, jnp.asarray([1.0, 3.0])), [2.5, 5.0])
-    np.testing.assert_allclose(merging.fedavg(x), [2.0, 4.0])
-    assert np.all(np.asarray(merging.fedavg(x, jnp.zeros(2))) == 0)
 
 
 def test_jit_and_vmap_over_layers():
@@ -310,8 +323,9 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _layer_stack(rng, kinds, K=3, r=2, d=12, d_out=5):
-    """Per layer (kind "ok": 4d samples per client, kind "singular": d//4 samples per client, so Σ G has rank K·d/4 < d):
-    A [L, K, r, d], B [L, K, d_out, r], W [L, K, d_out, d], Grams [L, K, d, d] and cond of Σ G on its range (float64)."""
+    """Per layer (kind "ok": 4d samples per client, kind "singular": d//4 samples per client, so Σ G has rank
+    K·d/4 < d): A [L, K, r, d], B [L, K, d_out, r], W [L, K, d_out, d], Grams [L, K, d, d] and cond of Σ G on its range
+    (float64)."""
     grams, conds = [], []
     for kind in kinds:
         n = 4 * d if kind == "ok" else d // 4
@@ -343,7 +357,8 @@ def test_vmapped_merges_equal_unbatched(kinds):
     tol = 10 * K * EPS32 * cond
     assert tol < 1e-2, cond  # the test data is meant to be far from the pseudo-inverse cut-off
     lowrank = lambda b_, a_, g_: merging.regmean_lowrank(b_, a_, g_)
-    fns = {"A": (merging.merge_lora_A, (a, g)), "B": (lambda b_, a_, g_: merging.merge_lora_B(b_, a_[0], g_), (b, a, g)),
+    fns = {"A": (merging.merge_lora_A, (a, g)),
+           "B": (lambda b_, a_, g_: merging.merge_lora_B(b_, a_[0], g_), (b, a, g)),
            "regmean": (merging.regmean, (w, g)), "lowrank": (lowrank, (b, a, g))}
     for name, (fn, args) in fns.items():
         batched = np.asarray(jax.jit(jax.vmap(fn))(*args))

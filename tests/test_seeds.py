@@ -1,54 +1,58 @@
 """Training seed vs data seed, the two forgetting definitions, the head init options (issue 19).
 
-Setups are built (no training) from the small tiny config in tests/_tiny.py with a per-class subsample, so both data
-draws (subsample and partition) depend on the data seed.
+Setups are built (no training) from the small config of tests/conftest.py (1-block ViT) with a per-class subsample,
+so both data draws (subsample and partition) depend on the data seed.
 """
 import json
 import math
-import os
-import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
+from conftest import ONE_BLOCK, small_config
 
 from lorm_jax import config as config_lib
-from lorm_jax import continual, federated
+from lorm_jax import metrics, objective, plan, rng, rounds
+from lorm_jax import workdir as workdir_lib
 from lorm_jax.data.partition import partition as split_clients
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import tiny_config  # noqa: E402
+
+def config_for(**overrides):
+    return small_config(**ONE_BLOCK, **overrides)
 
 
 def setup_for(**overrides):
-    return continual.build_setup(tiny_config(**{"data.n_train_per_class": 30, **overrides}))
+    return plan.build_setup(config_for(**{"data.n_train_per_class": 30, **overrides}))
 
 
-def assert_trees_equal(a, b):
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def trees_equal(a, b) -> bool:
-    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+def trees_differ(a, b) -> bool:
+    """Whether two trees of the same structure differ in some leaf (a structure mismatch fails)."""
+    try:
+        chex.assert_trees_all_equal(a, b)
+    except AssertionError:
+        chex.assert_trees_all_equal_structs(a, b)
+        return True
+    return False
 
 
 def test_training_seed_leaves_the_data_alone():
     a, b = setup_for(seed=0, **{"data.seed": 3}), setup_for(seed=1, **{"data.seed": 3})
-    assert continual.partition_digest(a) == continual.partition_digest(b)
+    assert plan.partition_digest(a) == plan.partition_digest(b)
     np.testing.assert_array_equal(a.dataset.x_train, b.dataset.x_train)
     # ... while the training draws do follow config.seed, and the data follows data.seed (so the test can fail)
-    assert not trees_equal(continual.initial_state(a)["lora"], continual.initial_state(b)["lora"])
+    assert trees_differ(rounds.initial_state(a)["lora"], rounds.initial_state(b)["lora"])
     c = setup_for(seed=0, **{"data.seed": 4})
-    assert continual.partition_digest(c) != continual.partition_digest(a)
+    assert plan.partition_digest(c) != plan.partition_digest(a)
     assert not np.array_equal(c.dataset.x_train, a.dataset.x_train)  # the per-class subsample differs too
 
 
 def test_data_seed_leaves_the_initial_state_alone():
     a, b = setup_for(seed=0, **{"data.seed": 3}), setup_for(seed=0, **{"data.seed": 4})
-    assert continual.partition_digest(a) != continual.partition_digest(b)
-    assert_trees_equal(continual.initial_state(a), continual.initial_state(b))  # LoRA, head and the rest
-    assert_trees_equal(continual.client_keys(a.config.seed, 1, 2, np.arange(4), continual.TRAIN_STREAM),
-                       continual.client_keys(b.config.seed, 1, 2, np.arange(4), continual.TRAIN_STREAM))
+    assert plan.partition_digest(a) != plan.partition_digest(b)
+    chex.assert_trees_all_equal(rounds.initial_state(a), rounds.initial_state(b))  # LoRA, head and the rest
+    chex.assert_trees_all_equal(rng.client_keys(a.config.seed, 1, 2, np.arange(4), rng.TRAIN_STREAM),
+                                rng.client_keys(b.config.seed, 1, 2, np.arange(4), rng.TRAIN_STREAM))
 
 
 def test_default_data_seed_is_the_training_seed_as_before():
@@ -61,7 +65,7 @@ def test_default_data_seed_is_the_training_seed_as_before():
     for parts_d, parts_e in zip(default.partitions, explicit.partitions):
         for p, q in zip(parts_d, parts_e):
             np.testing.assert_array_equal(p, q)
-    assert_trees_equal(continual.initial_state(default), continual.initial_state(explicit))
+    chex.assert_trees_all_equal(rounds.initial_state(default), rounds.initial_state(explicit))
     c, y = default.config, default.dataset.y_train
     for t, (idx, parts) in enumerate(zip(default.task_train, default.partitions)):
         before = split_clients(y[idx], c.num_clients, c.data.partition, np.random.default_rng([5, t, 7]),
@@ -72,16 +76,16 @@ def test_default_data_seed_is_the_training_seed_as_before():
 
 
 def test_recorded_configs_from_before_the_new_keys_are_still_accepted(tmp_path):
-    config = tiny_config()
+    config = config_for()
     recorded = json.loads(config.to_json_best_effort())
     del recorded["data"]["seed"], recorded["head_init"], recorded["client_lanes"]
     recorded["client_chunk"] = 0  # recorded by the engine before lanes
     (tmp_path / "config.json").write_text(json.dumps(recorded))
-    continual._check_workdir_config(str(tmp_path), config, write=False)  # the defaults reproduce the old run
+    workdir_lib.check_config(str(tmp_path), config, write=False)  # the defaults reproduce the old run
     with pytest.raises(ValueError, match=r"config\.data\.seed: -1 before, 3 now"):
-        continual._check_workdir_config(str(tmp_path), tiny_config(**{"data.seed": 3}), write=False)
+        workdir_lib.check_config(str(tmp_path), config_for(**{"data.seed": 3}), write=False)
     with pytest.raises(ValueError, match=r"config\.head_init: 'trunc_2sigma' before, 'reference' now"):
-        continual._check_workdir_config(str(tmp_path), tiny_config(head_init="reference"), write=False)
+        workdir_lib.check_config(str(tmp_path), config_for(head_init="reference"), write=False)
     assert config_lib.with_added_keys(recorded) == json.loads(config.to_json_best_effort())
     assert "seed" not in recorded["data"] and "client_chunk" in recorded  # not mutated
 
@@ -97,7 +101,7 @@ ACC = np.array([[0.8, NAN, NAN],
 
 
 def test_both_forgetting_definitions_on_a_hand_made_matrix():
-    m = continual.summarize(ACC, np.array([10, 10, 10]))
+    m = metrics.continual_metrics(ACC, np.array([10, 10, 10]))
     # Each value is a few float64 operations on numbers <= 1 (error ~1e-16); 1e-12 leaves room and still tells the
     # definitions apart (they differ by 0.15 here).
     tol = dict(rel=0, abs=1e-12)
@@ -108,14 +112,15 @@ def test_both_forgetting_definitions_on_a_hand_made_matrix():
     # without a rise the reference's definition is the max-based one scaled by (T-1)/T
     flat = ACC.copy()
     flat[1, 0] = 0.8
-    f = continual.summarize(flat, np.array([10, 10, 10]))
+    f = metrics.continual_metrics(flat, np.array([10, 10, 10]))
     assert f["forgetting_reference"] == pytest.approx(2 / 3 * f["forgetting"], **tol)
 
 
 def test_forgetting_of_a_single_task_is_zero():
-    m = continual.summarize(np.array([[0.7]]), np.array([5]))
+    m = metrics.continual_metrics(np.array([[0.7]]), np.array([5]))
     assert (m["forgetting"], m["forgetting_reference"], m["bwt"]) == (0.0, 0.0, 0.0)
-    assert str(continual.summarize(np.array([[0.7, NAN], [0.7, 0.2]]), np.array([5, 5]))["bwt"]) == "0.0"  # not -0.0
+    bwt = metrics.continual_metrics(np.array([[0.7, NAN], [0.7, 0.2]]), np.array([5, 5]))["bwt"]
+    assert str(bwt) == "0.0"  # not -0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ TRUNC_2SIGMA_STD = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / (1 
 
 
 def test_reference_head_init_is_an_untruncated_normal_at_std_002():
-    w = np.asarray(federated.init_head(jax.random.PRNGKey(0), N_CLASSES, N_FEATURES, "reference")["w"], np.float64)
+    w = np.asarray(objective.init_head(jax.random.PRNGKey(0), N_CLASSES, N_FEATURES, "reference")["w"], np.float64)
     n = w.size
     # Sample std of N iid normals: standard error sigma / sqrt(2N) (0.26 % here); 5 standard errors. The ±2σ draw
     # (std 0.0176, 12 % lower) is far outside.
@@ -141,7 +146,7 @@ def test_reference_head_init_is_an_untruncated_normal_at_std_002():
 
 def test_default_head_init_is_unchanged():
     key = jax.random.PRNGKey(0)
-    head = federated.init_head(key, N_CLASSES, N_FEATURES)
+    head = objective.init_head(key, N_CLASSES, N_FEATURES)
     np.testing.assert_array_equal(head["w"], 0.02 * jax.random.truncated_normal(key, -2.0, 2.0,
                                                                                   (N_CLASSES, N_FEATURES)))
     np.testing.assert_array_equal(head["b"], np.zeros(N_CLASSES, np.float32))
@@ -150,12 +155,12 @@ def test_default_head_init_is_unchanged():
     # Truncation makes the sample variance less spread than a normal's, so the normal's standard error bounds it.
     assert abs(w.std() / (0.02 * TRUNC_2SIGMA_STD) - 1) < 5 / np.sqrt(2 * w.size)
     with pytest.raises(ValueError, match="head init 'timm' is invalid"):
-        federated.init_head(key, 2, 3, "timm")
+        objective.init_head(key, 2, 3, "timm")
 
 
 def test_head_init_reaches_the_initial_state():
     a, b = setup_for(), setup_for(head_init="reference")
-    sa, sb = continual.initial_state(a), continual.initial_state(b)
-    assert_trees_equal(sa["lora"], sb["lora"])
+    sa, sb = rounds.initial_state(a), rounds.initial_state(b)
+    chex.assert_trees_all_equal(sa["lora"], sb["lora"])
     assert not np.array_equal(sa["head"]["w"], sb["head"]["w"])
     assert np.max(np.abs(sa["head"]["w"])) <= 0.04

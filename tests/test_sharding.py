@@ -5,15 +5,15 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ONE_BLOCK, REPO, shared_setup, small_config
 
-from lorm_jax import continual, federated, sharding
-from tests._tiny import tiny_config, tiny_setup
+from lorm_jax import continual, memory, sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_scale_worker.py")
 
 
@@ -31,13 +31,13 @@ def test_choose_lanes():
     """One lane per device on a CPU; on an accelerator the fewest lanes whose longest is the largest client
     (⌈ΣS/S_max⌉, worst task), a multiple of the mesh size, capped by memory."""
     steps = [np.array([6, 3, 1, 1, 2, 0]), np.array([2, 2, 2, 2, 2, 2])]  # ⌈13/6⌉ = 3, ⌈12/2⌉ = 6
-    assert federated.choose_lanes(steps, devices=1, platform="cpu", max_lanes=100) == 1
-    assert federated.choose_lanes(steps, devices=8, platform="cpu", max_lanes=100) == 8
-    assert federated.choose_lanes(steps, devices=1, platform="gpu", max_lanes=100) == 6
-    assert federated.choose_lanes(steps, devices=4, platform="gpu", max_lanes=100) == 8   # 2 per device
-    assert federated.choose_lanes(steps, devices=1, platform="gpu", max_lanes=4) == 4     # memory cap
-    assert federated.choose_lanes(steps, devices=2, platform="gpu", max_lanes=1) == 2     # never below one per device
-    assert federated.choose_lanes(steps, devices=1, platform="gpu", max_lanes=1, requested=5) == 5  # as asked
+    assert memory.choose_lanes(steps, devices=1, platform="cpu", max_lanes=100) == 1
+    assert memory.choose_lanes(steps, devices=8, platform="cpu", max_lanes=100) == 8
+    assert memory.choose_lanes(steps, devices=1, platform="gpu", max_lanes=100) == 6
+    assert memory.choose_lanes(steps, devices=4, platform="gpu", max_lanes=100) == 8   # 2 per device
+    assert memory.choose_lanes(steps, devices=1, platform="gpu", max_lanes=4) == 4     # memory cap
+    assert memory.choose_lanes(steps, devices=2, platform="gpu", max_lanes=1) == 2     # never below one per device
+    assert memory.choose_lanes(steps, devices=1, platform="gpu", max_lanes=1, requested=5) == 5  # as asked
 
 
 def test_replicate_gives_one_sharding_for_one_placement():
@@ -47,9 +47,9 @@ def test_replicate_gives_one_sharding_for_one_placement():
     x = jnp.arange(3.0)
     y = sharding.replicate({"x": x}, mesh)["x"]
     assert y.sharding == sharding.replicated(mesh) and y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
-    f = jax.jit(lambda v: v * 2)
+    chex.clear_trace_counter()
+    f = jax.jit(chex.assert_max_traces(lambda v: v * 2, n=1))  # another input sharding would trace it again
     f(y), f(sharding.replicate(jnp.arange(3.0) + 1, mesh))
-    assert f._cache_size() == 1
 
 
 def test_mesh_errors_name_the_key():
@@ -57,23 +57,23 @@ def test_mesh_errors_name_the_key():
     with pytest.raises(ValueError, match="mesh_clients"):
         sharding.make_mesh(jax.device_count() + 1)
     with pytest.raises(ValueError, match="config.client_lanes = 3 is invalid: a multiple of the 2 devices"):
-        federated.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=3)
-    assert federated.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=4) == 4
+        memory.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=3)
+    assert memory.choose_lanes([np.ones(4)], devices=2, platform="cpu", max_lanes=8, requested=4) == 4
 
 
 def test_memory_plan_fits_the_budget():
-    bb = tiny_setup().backbone
+    bb = shared_setup().backbone
     kwargs = dict(num_clients=10, num_classes=4, rank=4, batch_size=16, gram_batch_size=16, backbone_gram="diag",
                   head_gram="full", shared_bytes=1000)
-    big = federated.plan_memory(bb, budget_bytes=10**12, **kwargs)
+    big = memory.plan_memory(bb, budget_bytes=10**12, **kwargs)
     assert big.gram_full_bytes > big.gram_diag_bytes > 0
     assert big.lane_bytes >= big.activation_bytes + 11 * big.lora_bytes > 0  # its client + 10 output slots
     assert big.gram_pass_bytes >= 2 * 10 * big.gram_bytes  # K clients' Gram sums
-    assert big.activation_bytes == federated.activation_bytes(bb, 4, 16)
-    assert federated.activation_bytes(bb, 4, 32) > big.activation_bytes  # grows with the batch
-    small = federated.plan_memory(bb, budget_bytes=1000 + 3 * big.lane_bytes + 1, **kwargs)
+    assert big.activation_bytes == memory.activation_bytes(bb, 4, 16)
+    assert memory.activation_bytes(bb, 4, 32) > big.activation_bytes  # grows with the batch
+    small = memory.plan_memory(bb, budget_bytes=1000 + 3 * big.lane_bytes + 1, **kwargs)
     assert small.max_lanes == 3 and "at most 3 training lanes" in small.table()
-    tiny = federated.plan_memory(bb, budget_bytes=1, **kwargs)
+    tiny = memory.plan_memory(bb, budget_bytes=1, **kwargs)
     assert tiny.max_lanes == 1  # never less than one lane per device
     assert "exceeds the budget" in tiny.table()
 
@@ -100,7 +100,7 @@ def test_eight_devices_match_one_device(tmp_path):
 @pytest.mark.slow
 def test_hundred_clients_two_rounds(tmp_path):
     """Acceptance: 100 clients × 2 rounds (2 tasks) of the tiny config in one process (automatic lanes)."""
-    c = tiny_config(num_clients=100, **{"data.min_samples": 1, "data.beta": 5.0})
+    c = small_config(**ONE_BLOCK, num_clients=100, **{"data.min_samples": 1, "data.beta": 5.0})
     c.data.options = {"num_classes": 4, "n_train": 300, "n_test": 12, "image_size": 16, "seed": 0}
     results = continual.run(c, str(tmp_path / "k100"), progress=False)
     with open(tmp_path / "k100" / "metrics.jsonl") as f:
@@ -112,8 +112,7 @@ def test_hundred_clients_two_rounds(tmp_path):
 
 @pytest.mark.slow
 def test_bench_clients_smoke():
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import bench_clients
+    from lorm_jax.bench import clients as bench_clients
     out = bench_clients.run_benchmark(quick=True, betas=[0.1])
     modes = {r["mode"]: r for r in out["rows"]}
     task_padded = "padded vmap (task's largest)"

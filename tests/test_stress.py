@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from lorm_jax import distributed
+from lorm_jax.testing import stress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import stress_reliability as stress  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

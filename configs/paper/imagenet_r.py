@@ -1,15 +1,11 @@
-"""LoRM paper setup, ImageNet-R (β in {0.5, 0.1, 0.05}): lorm-jax run --config=configs/paper/imagenet_r.py:0.5 --workdir ...
+"""LoRM paper setup, ImageNet-R (β in {0.5, 0.1, 0.05}):
+
+    lorm-jax run --config=configs/paper/imagenet_r.py:0.5 --workdir ...
 
 Everything is in reference_table.py (LORM_SPEC §10.5); see docs/PAPER_SETUP.md.
 """
-import os
-import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # config files are loaded by path (config_flags), not as a package
-    sys.path.insert(0, _HERE)
-from reference_table import paper_config  # noqa: E402
+from lorm_jax.config import sibling_module
 
 
 def get_config(beta=None):
-    return paper_config("imagenet_r", beta)
+    return sibling_module(__file__, "reference_table.py").paper_config("imagenet_r", beta)

@@ -85,7 +85,7 @@ def valid_betas(dataset: str) -> tuple[float, ...]:
 
 
 def parse_beta(dataset: str, arg) -> float:
-    """β from the text after ``:`` in ``--config=configs/paper/<dataset>.py:<β>``; must be one of the dataset's three."""
+    """β from the text after ``:`` in ``--config=configs/paper/<dataset>.py:<β>``; one of the dataset's three."""
     valid = valid_betas(dataset)
     listing = ", ".join(f"{b:g}" for b in valid)
     if arg is None or str(arg).strip() == "":

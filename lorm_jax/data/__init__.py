@@ -15,8 +15,18 @@ try:
 except ImportError:  # pragma: no cover
     tfds_data = None
 from .batching import client_schedule, eval_schedule, lane_schedule, pack_lanes, packed_schedule, steps_per_client
-from .datasets import (ArrayDataset, DatasetFormatError, DatasetNotFoundError, available, load, load_with_fallback,
-                       select_classes, stratified_split, subsample_per_class)
+from .datasets import (
+    ArrayDataset,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    available,
+    load,
+    load_with_fallback,
+    select_classes,
+    stratified_split,
+    subsample_per_class,
+)
+
 # NB: the dispatcher function is NOT re-exported, so that ``lorm_jax.data.partition`` stays the module;
 # call it as ``lorm_jax.data.partition.partition(...)``.
 from .partition import client_label_counts, dirichlet_partition, iid_partition, quantity_partition

@@ -386,12 +386,12 @@ def _load_wordnet(pos: Sequence[str], name: str, data_dir: str = WORDNET_DIR, te
     lex_parts = []
     for p in files:
         try:
-            t, l = parse_wordnet_data(p, first_clause=first_clause)
+            t, labels = parse_wordnet_data(p, first_clause=first_clause)
         except DatasetFormatError as e:
             raise DatasetFormatError(f"{e}. Fix: reinstall the files (`sudo apt-get install --reinstall wordnet-base`, "
                                      f"into {WORDNET_DIR}) or point data_dir at an intact copy") from e
         texts.extend(t)
-        lex_parts.append(l)
+        lex_parts.append(labels)
     lex = np.concatenate(lex_parts) if lex_parts else np.zeros(0, np.int32)
     lexnames = read_lexnames(data_dir)
     used = np.unique(lex)  # sorted lexicographer file numbers -> labels 0..C-1

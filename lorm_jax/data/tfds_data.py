@@ -160,8 +160,8 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     fmt = info.get("fileFormat", "tfrecord")
     if fmt != "array_record":
         raise DatasetNotFoundError(
-            f"{folder} was prepared in the {fmt!r} format, but grain needs random access (ArrayRecord). Rebuild it with "
-            f"--file_format=array_record: " + (_BUILD_HINT.get(tfds_name, "").format(data_dir=data_dir) or hint))
+            f"{folder} was prepared in the {fmt!r} format, but grain needs random access (ArrayRecord). Rebuild it "
+            f"with --file_format=array_record: " + (_BUILD_HINT.get(tfds_name, "").format(data_dir=data_dir) or hint))
     have = {s.get("name") for s in info.get("splits", [])}
     for split in splits:
         if split not in have:

@@ -2,6 +2,8 @@
 
 * :mod:`lorm_jax.testing.faults`: a real ``lorm-jax run`` that kills or signals itself at a chosen stage of a chosen
   unit (``LORM_JAX_FAULT``), for the crash-safety tests.
+* :mod:`lorm_jax.testing.stress`: runs under load (CPU burners, lost peers) for the reliability tests and
+  ``experiments/stress_reliability.py``.
 * :func:`stop_after`: :class:`lorm_jax.continual.Hooks` that stop a run after its first N units, as a crash would
   (every finished unit checkpointed), for tests of resumption.
 """

@@ -19,15 +19,16 @@ run ``OUT/centralized_s<seed>[_d<data seed>]`` fills every β row.
 The table gives, per method and β, mean ± sample std over all its runs (every training × data seed) of the final
 average accuracy (pooled), of both forgetting definitions (``forgetting``: drop from the best earlier accuracy;
 ``forgetting_reference``: the reference's drop from the accuracy right after learning, see
-``lorm_jax.continual.summarize``), the upload and download MB per client over the whole run (:mod:`lorm_jax.ledger`)
-and the time: the sum of the per-unit seconds in ``metrics.jsonl`` (compilation included, setup and data loading not;
-it adds up across resumed sessions). A line above the table and the seed columns say which seeds varied. Where a row
-has several training seeds *and* several data seeds, two more columns split the accuracy's spread: the pooled std over
-training seeds within a partition and the std over partitions of the per-partition means. The plot shows the accuracy
-after each task per method (mean over runs, ±std band), one panel per β.
+:func:`lorm_jax.metrics.continual_metrics`), the upload and download MB per client over the whole run
+(:mod:`lorm_jax.ledger`) and the time: the sum of the per-unit seconds in ``metrics.jsonl`` (compilation included,
+setup and data loading not; it adds up across resumed sessions). A line above the table and the seed columns say
+which seeds varied. Where a row has several training seeds *and* several data seeds, two more columns split the
+accuracy's spread: the pooled std over training seeds within a partition and the std over partitions of the
+per-partition means. The plot shows the accuracy after each task per method (mean over runs, ±std band), one panel
+per β.
 
-    python experiments/compare.py --config configs/tiny.py --methods lorm,fedavg_lora --betas 0.5 --seeds 0
-    python experiments/compare.py --config configs/fmnist_dinov2.py --betas 0.5,0.1 --seeds 0,1 --data_seeds 0,1,2 \\
+    lorm-jax compare --config configs/tiny.py --methods lorm,fedavg_lora --betas 0.5 --seeds 0
+    lorm-jax compare --config configs/fmnist_dinov2.py --betas 0.5,0.1 --seeds 0,1 --data_seeds 0,1,2 \\
         --out runs/compare/fmnist_dinov2 [--config.rounds=5 ...]
 
 Runs can be split over parallel workers (one ``--methods m --betas b --seeds s`` each, same ``--out``) or machines
@@ -46,12 +47,10 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lorm_jax import cli  # noqa: E402
-from lorm_jax import config as config_lib  # noqa: E402
-from lorm_jax import continual  # noqa: E402
-from lorm_jax import methods as methods_lib  # noqa: E402
+from lorm_jax import config as config_lib
+from lorm_jax import continual, metrics
+from lorm_jax import methods as methods_lib
+from lorm_jax import workdir as workdir_lib
 
 DEFAULT_METHODS = ("lorm", "fedavg_lora", "ffa_lora", "regmean_lora", "centralized", "linear_probe")
 # Methods whose run does not depend on β (one client holds all the data): one run per seed serves every β row.
@@ -79,12 +78,11 @@ def _forgetting_reference(results: dict) -> float:
     if "forgetting_reference" in results:
         return results["forgetting_reference"]
     acc = np.asarray([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], np.float64)
-    return continual.summarize(acc, np.asarray(results["test_sizes"]))["forgetting_reference"]
+    return metrics.continual_metrics(acc, np.asarray(results["test_sizes"]))["forgetting_reference"]
 
 
 def _unit_seconds(workdir: str) -> float:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return float(sum(json.loads(line).get("seconds", 0.0) for line in f if line.strip()))
+    return float(sum(line.get("seconds", 0.0) for line in workdir_lib.read_metrics(workdir)))
 
 
 def run_all(config, methods, betas, seeds, out: str, progress: bool = False, reuse_only: bool = False,
@@ -292,7 +290,6 @@ def main(argv=None) -> str:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     config = config_lib.load(args.config, overrides)
     config_lib.validate(config)
-    cli.configure_logging()
     name = os.path.splitext(os.path.basename(args.config.split(":", 1)[0]))[0]
     out = args.out or os.path.join("runs", "compare", name)
     table = compare(config, args.methods, args.betas, args.seeds, out, title=name, progress=args.progress,
@@ -323,6 +320,3 @@ def _ints(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
-
-if __name__ == "__main__":
-    sys.exit(cli.main(["lorm-jax", "compare", *sys.argv[1:]]))

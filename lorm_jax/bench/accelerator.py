@@ -3,20 +3,22 @@
 One command, sized for an 8-minute GPU run (``--budget`` seconds, default 420, after which remaining items are
 skipped and listed)::
 
-    python experiments/bench_accelerator.py --out bench_accelerator/           # = lorm-jax bench-accelerator
-    python experiments/bench_accelerator.py --tiny --out /tmp/ba               # CPU smoke size (the test)
+    lorm-jax bench-accelerator --out bench_accelerator/
+    lorm-jax bench-accelerator --tiny --out /tmp/ba               # CPU smoke size (the test)
 
-**Round** (section ``rounds``): the paper's CIFAR-100 setup (``configs/paper/reference_table.py``, β = 0.5) at paper
+**Round** (section ``rounds``): the paper's CIFAR-100 setup (``configs/paper/cifar100.py:0.5``, ``--paper-config``;
+its values are in ``configs/paper/reference_table.py``; run from the repository root or an editable install) at paper
 scale with random weights: ViT-B/16 at 224 px in the AugReg layout (``tiny_vit`` with the ViT-B/16 architecture, so no
 download), K = 10 clients from a Dirichlet(0.5) split of one 5 000-sample, 10-class task (synthetic 32 px images,
 random-resized-cropped to 224 on the device, as CIFAR images are), batch 16, one local epoch, diagonal backbone Grams,
 full head Gram (α = 0.5). Round 0 of the task is timed (it trains B; every task starts with it). lorm_jax runs through
-the public engine API (``continual.build_setup`` / ``initial_state`` / ``run_round``; :func:`timed_round` is the one
-place that knows where the engine's phases are) at rank 1 and 16, compute dtype float32 and bfloat16
-(``backbone.options.compute_dtype``). The round runs twice on the same state: the first call includes compilation
-(XLA's backend-compile events are summed and counted), the second is the steady state and must compile nothing. The
-reference's loop (:mod:`reference_torch`: clients one after another, a fresh AdamW each, fp16 autocast, dense Gram
-hooks, float64 ``pinverse`` merges) runs the same clients on the same images after a warm-up on the smallest client.
+the public engine API (``plan.build_setup`` / ``rounds.initial_state`` / ``rounds.run_round``, its compiled stages
+timed through :func:`lorm_jax.rounds.instrument` in :func:`timed_round`) at rank 1 and 16, compute dtype float32 and
+bfloat16 (``backbone.options.compute_dtype``). The round runs twice on the same state: the first call includes
+compilation (XLA's backend-compile events are summed and counted), the second is the steady state and must compile
+nothing. The reference's loop (:mod:`lorm_jax.bench.reference_torch`: clients one after another, a fresh AdamW each,
+fp16 autocast, dense Gram hooks, float64 ``pinverse`` merges) runs the same clients on the same images after a warm-up
+on the smallest client.
 
 Per line: wall time of local training, Gram pass, merge and the whole round; images/s of training (real images, not
 padding); model FLOP/s and MFU of the training and Gram passes against the device's dense peak for the compute dtype
@@ -31,9 +33,10 @@ plus the diagonal Gram sums. The same count is used for both frameworks.
 
 **Merges** (section ``merges``): the full-model server merge at ViT-B/16 shapes (48 layers), K = 10, the largest rank,
 diagonal and full Grams, A- and B-factor: jitted ``merge_lora_tree`` (compile time, median of 3 calls) against the
-reference's per-layer float64 ``pinverse`` on dense Grams held on the host (:func:`reference_torch.reference_merge`;
-``--ref-layers-per-shape`` layers of each shape are merged and the total extrapolated, since a float64 ``pinverse``
-of 3072² takes seconds). Grams are activation-like random ``XᵀX`` made on the device.
+reference's per-layer float64 ``pinverse`` on dense Grams held on the host
+(:func:`lorm_jax.bench.reference_torch.reference_merge`; ``--ref-layers-per-shape`` layers of each shape are merged
+and the total extrapolated, since a float64 ``pinverse`` of 3072² takes seconds). Grams are activation-like random
+``XᵀX`` made on the device.
 
 Output: the tables on stdout, ``bench_accelerator.json`` and ``bench_accelerator.md`` in ``--out``. The PyTorch half
 is skipped (and said so) where torch is not importable. Importable: :func:`run` returns the results, :func:`main` is
@@ -49,31 +52,23 @@ Gram program per (rank, dtype), one merge per factor and Gram kind.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import importlib.util
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-if __name__ == "__main__":  # run as a script from a checkout: make the repository's lorm_jax importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from lorm_jax import continual, merging  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from lorm_jax import config as config_lib
+from lorm_jax import merging, plan, rounds
+from lorm_jax.bench import common
 
 # ViT-B/16 and a CPU-sized stand-in; "backbone" are tiny_vit options (random init in big_vision's AugReg layout).
 SIZES = {
@@ -84,7 +79,7 @@ SIZES = {
              "task_samples": 64, "classes": 4, "data_px": 16, "clients": 4, "batch": 8, "epochs": 1,
              "ranks": (2,), "dtypes": ("bfloat16", "float32")},
 }
-BETA = 0.5  # CIFAR-100 β of the paper's rank-1 command
+PAPER_CONFIG = "configs/paper/cifar100.py:0.5"  # the paper's CIFAR-100 setup, β of its rank-1 command
 DEFAULT_BUDGET_S = 420.0  # leaves ~1 minute of an 8-minute device run for start-up and writing the results
 
 # Dense (no 2:4 sparsity) peak TFLOP/s by device kind, from the vendors' datasheets: NVIDIA H100 / H200 / A100 / L4 /
@@ -152,17 +147,23 @@ def _compiles_since(mark: int) -> tuple[int, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 # lorm_jax through the public engine API.
 
-def _paper_config():
-    spec = importlib.util.spec_from_file_location("reference_table", os.path.join(REPO, "configs", "paper",
-                                                                                  "reference_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.paper_config("cifar100", BETA)
+def paper_config(spec: str = PAPER_CONFIG):
+    """The config file ``spec`` (``FILE[:ARG]``, :func:`lorm_jax.config.load`), a relative FILE looked up in the
+    current directory, then in the source checkout of this lorm_jax (the paper's configs are not installed)."""
+    path, arg = (spec.split(":", 1) + [""])[:2]
+    root = common.checkout()
+    if not os.path.isfile(path) and not os.path.isabs(path) and root is not None:
+        path = os.path.join(root, path)
+    if not os.path.isfile(path):
+        raise config_lib.InputError(f"bench-accelerator: config {spec} not found (it is in a checkout of lorm_jax: run "
+                                    "from the repository root, or pass --paper-config FILE[:ARG])")
+    return config_lib.load(path + (f":{arg}" if arg else ""))
 
 
-def round_config(size: Mapping, rank: int, dtype: str, seed: int = 0):
-    """The paper's CIFAR-100 config with a random ViT (AugReg layout), synthetic images, one task and one epoch."""
-    c = _paper_config()
+def round_config(size: Mapping, rank: int, dtype: str, seed: int = 0, paper: str = PAPER_CONFIG):
+    """The paper's CIFAR-100 config (``paper``, :func:`paper_config`) with a random ViT (AugReg layout), synthetic
+    images, one task and one epoch."""
+    c = paper_config(paper)
     c.description = f"bench_accelerator: paper round, rank {rank}, {dtype}"
     c.seed = seed
     c.backbone.name = "tiny_vit"
@@ -181,34 +182,27 @@ def round_config(size: Mapping, rank: int, dtype: str, seed: int = 0):
     return c
 
 
-class _TimedMethod:
-    def __init__(self, method, merge_round):
-        self._method, self.merge_round = method, merge_round
-
-    def __getattr__(self, name):
-        return getattr(self._method, name)
+PHASES = {"train": "train", "grams": "grams", "merge_round": "merge"}  # compiled stage (rounds.STAGES) -> phase
 
 
 def timed_round(setup, state: dict, task: int = 0, rnd: int = 0) -> tuple[dict, dict, dict]:
-    """``continual.run_round`` with the wall time of its phases (device-synchronised): ``train`` (all calls of the
-    clients' training program), ``grams`` (the Gram program), ``merge`` (the method's server merge) and ``round``.
+    """``rounds.run_round`` with the wall time of its phases (device-synchronised): ``train`` (all calls of the
+    clients' training program), ``grams`` (the Gram program), ``merge`` (the method's server merge) and ``round``."""
+    phases = dict.fromkeys(PHASES.values(), 0.0)
 
-    The one function that knows which engine entry points carry the phases: adapt it when the engine changes."""
-    phases = {"train": 0.0, "grams": 0.0, "merge": 0.0}
+    def wrap(stage: str, fn: Callable) -> Callable:
+        if stage not in PHASES:
+            return fn
 
-    def timed(name: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(fn(*args, **kwargs))
-            phases[name] += time.perf_counter() - t0
-            return out
-        return wrapper
-    fns = dataclasses.replace(setup.fns, train=timed("train", setup.fns.train), grams=timed("grams", setup.fns.grams))
-    timed_setup = dataclasses.replace(setup, fns=fns,
-                                      method=_TimedMethod(setup.method, timed("merge", setup.method.merge_round)))
-    t0 = time.perf_counter()
-    state, metrics = continual.run_round(timed_setup, state, task, rnd)
-    phases["round"] = time.perf_counter() - t0
+        def timed(*args, **kwargs):
+            t = common.timed(lambda: fn(*args, **kwargs))
+            phases[PHASES[stage]] += t.seconds
+            return t.out
+        return timed
+    instrumented = rounds.instrument(setup, wrap)
+    t = common.timed(lambda: rounds.run_round(instrumented, state, task, rnd))
+    state, metrics = t.out
+    phases["round"] = t.seconds
     return state, metrics, phases
 
 
@@ -220,13 +214,16 @@ def _throughput(row: dict, flops: Mapping, peak: float | None, train_s: float, g
     row["gram_mfu"] = None if peak is None else 1e12 * row["gram_tflops"] / peak
 
 
-def jax_round(size: Mapping, rank: int, dtype: str, log: Callable[[str], None]) -> tuple[dict, object]:
+def jax_round(size: Mapping, rank: int, dtype: str, log: Callable[[str], None],
+              paper: str = PAPER_CONFIG) -> tuple[dict, object]:
     """One lorm_jax line (module docstring). Returns the row and the setup (its data and clients feed the reference)."""
-    config = round_config(size, rank, dtype)
-    t0 = time.perf_counter()
-    setup = continual.build_setup(config)
-    state = continual.initial_state(setup)
-    build_s = time.perf_counter() - t0
+    config = round_config(size, rank, dtype, paper=paper)
+
+    def build():
+        setup = plan.build_setup(config)
+        return setup, rounds.initial_state(setup)
+    built = common.timed(build)
+    (setup, state), build_s = built.out, built.seconds
     mark = len(_COMPILES)
     _, _, first = timed_round(setup, state)
     first_compiles, first_compile_s = _compiles_since(mark)
@@ -253,7 +250,7 @@ def jax_round(size: Mapping, rank: int, dtype: str, log: Callable[[str], None]) 
 
 def torch_round(setup, size: Mapping, rank: int, log: Callable[[str], None]) -> dict:
     """The reference's loop on the same clients and images as ``setup`` (after a warm-up on the smallest client)."""
-    import reference_torch as ref  # noqa: PLC0415 - optional dependency (torch)
+    from lorm_jax.bench import reference_torch as ref  # noqa: PLC0415 - optional dependency (torch)
     ds = setup.dataset
     parts = [np.asarray(p) for p in setup.partitions[0]]
     kw = dict(arch=size["backbone"], num_classes=size["classes"], rank=rank, factor="B", batch=size["batch"],
@@ -302,7 +299,8 @@ def _merge_inputs(shapes: Mapping, clients: int, rank: int, factor: str, kind: s
         bound = 1 / np.sqrt(d_in)
         a0, b0 = rng.uniform(-bound, bound, (rank, d_in)), 0.02 * rng.standard_normal((d_out, rank))
         if factor == "A":
-            a, b = a0 + 0.2 * bound * rng.standard_normal((clients, rank, d_in)), np.broadcast_to(b0, (clients,) + b0.shape)
+            a = a0 + 0.2 * bound * rng.standard_normal((clients, rank, d_in))
+            b = np.broadcast_to(b0, (clients,) + b0.shape)
         else:
             a, b = np.broadcast_to(a0, (clients,) + a0.shape), b0 + 0.005 * rng.standard_normal((clients, d_out, rank))
         lora[path] = {"A": jnp.asarray(a, jnp.float32), "B": jnp.asarray(b, jnp.float32)}
@@ -319,25 +317,19 @@ def merge_lines(shapes: Mapping, clients: int, rank: int, *, torch_ok: bool, ref
                 continue
             lora, grams = _merge_inputs(shapes, clients, rank, factor, kind)
             fn = jax.jit(lambda cl, g, _f=factor: merging.merge_lora_tree(cl, g, _f))
-            t0 = time.perf_counter()
-            compiled = fn.lower(lora, grams).compile()
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ours = jax.block_until_ready(compiled(lora, grams))
-            first_s = time.perf_counter() - t0
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(lora, grams))
-                times.append(time.perf_counter() - t0)
+            compiled = common.timed(lambda: fn.lower(lora, grams).compile())
+            first = common.timed(lambda: compiled.out(lora, grams))
+            ours = first.out
+            steady = common.repeat(lambda: compiled.out(lora, grams), 3)
             row = {"framework": "lorm_jax", "factor": factor, "gram": kind, "layers": len(shapes), "K": clients,
-                   "r": rank, "compile_s": compile_s, "first_call_s": first_s, "s": statistics.median(times),
+                   "r": rank, "compile_s": compiled.seconds, "first_call_s": first.seconds,
+                   "s": common.median(steady),
                    "status": "ok", "device": jax.devices()[0].device_kind}
             rows.append(row)
             log(format_merge_row(row))
             if not torch_ok:
                 continue
-            import reference_torch as ref  # noqa: PLC0415
+            from lorm_jax.bench import reference_torch as ref  # noqa: PLC0415 - optional dependency (torch)
             host_lora = {p: {k: np.asarray(v) for k, v in f.items()} for p, f in lora.items()}
             dense = {}
             for p, g in grams.items():  # the reference sends dense Grams (diagonal ones as diagonal matrices)
@@ -361,10 +353,6 @@ def merge_lines(shapes: Mapping, clients: int, rank: int, *, torch_ok: bool, ref
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporting.
 
-def _f(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
 ROUND_HEADER = ("framework", "r", "dtype", "train s", "Gram s", "merge s", "round s", "images/s", "train TFLOP/s",
                 "train MFU", "Gram TFLOP/s", "Gram MFU", "compile s (compiles)", "steady compiles")
 
@@ -372,12 +360,12 @@ ROUND_HEADER = ("framework", "r", "dtype", "train s", "Gram s", "merge s", "roun
 def format_round_row(r: Mapping) -> str:
     if r.get("status", "ok") != "ok":
         return f"| {r['framework']} | {r.get('rank', '')} | {r.get('dtype', '')} | {r['status']} |"
-    pct = lambda x: _f(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "")
+    pct = lambda x: common.fmt(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "")
     comp = "—" if r["compile_s"] is None else f"{r['compile_s']:.1f} ({r['compiles_first_round']})"
     return ("| " + " | ".join([r["framework"], str(r["rank"]), r["dtype"], f"{r['train_s']:.2f}", f"{r['gram_s']:.2f}",
                                f"{r['merge_s']:.3f}", f"{r['round_s']:.2f}", f"{r['images_per_s']:.0f}",
                                f"{r['train_tflops']:.1f}", pct(r["train_mfu"]), f"{r['gram_tflops']:.1f}",
-                               pct(r["gram_mfu"]), comp, _f(r["compiles_steady_round"], "d")]) + " |")
+                               pct(r["gram_mfu"]), comp, common.fmt(r["compiles_steady_round"], "d")]) + " |")
 
 
 MERGE_HEADER = ("framework", "factor", "Grams", "layers", "K", "r", "compile s", "merge s", "rel. err vs lorm_jax")
@@ -389,7 +377,8 @@ def format_merge_row(r: Mapping) -> str:
     s = f"{r['s']:.3f}" + ("" if r.get("merged_layers") in (None, r["layers"]) else
                            f" (from {r['merged_layers']} layers)")
     return ("| " + " | ".join([r["framework"], r["factor"], r["gram"], str(r["layers"]), str(r["K"]), str(r["r"]),
-                               _f(r["compile_s"], ".2f"), s, _f(r.get("rel_err_vs_ours"), ".1e")]) + " |")
+                               common.fmt(r["compile_s"], ".2f"), s, common.fmt(r.get("rel_err_vs_ours"), ".1e")])
+            + " |")
 
 
 def ratio_lines(rounds: list[dict], merges: list[dict]) -> list[str]:
@@ -433,14 +422,14 @@ def to_markdown(result: Mapping) -> str:
 # The run.
 
 def _torch_available() -> bool:
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
     return importlib.util.find_spec("torch") is not None
 
 
 def run(size_name: str = "paper", *, ranks=None, dtypes=None, sections=("rounds", "merges"), torch: bool = True,
-        budget_s: float | None = None, ref_layers_per_shape: int | None = 1, log: Callable[[str], None] = print) -> dict:
-    """Run the benchmark (module docstring); returns everything that is written to JSON."""
+        budget_s: float | None = None, ref_layers_per_shape: int | None = 1, log: Callable[[str], None] = print,
+        paper: str = PAPER_CONFIG) -> dict:
+    """Run the benchmark (module docstring); returns everything that is written to JSON. ``paper``: the config the
+    round starts from (:func:`paper_config`)."""
     size = SIZES[size_name]
     budget_s = (DEFAULT_BUDGET_S if size_name == "paper" else math.inf) if budget_s is None else budget_s
     ranks = tuple(ranks or size["ranks"])
@@ -454,12 +443,12 @@ def run(size_name: str = "paper", *, ranks=None, dtypes=None, sections=("rounds"
         return left() > spent.get(kind, 0.0)
 
     # order: what the comparison needs first (bf16 vs the reference at each rank), then the rest
-    plan = []
+    order = []
     for rank in ranks:
-        plan += [("jax", rank, dtypes[0]), ("torch", rank, None)]
-    plan += [("jax", rank, dt) for dt in dtypes[1:] for rank in ranks]
+        order += [("jax", rank, dtypes[0]), ("torch", rank, None)]
+    order += [("jax", rank, dt) for dt in dtypes[1:] for rank in ranks]
     if "rounds" in sections:
-        for what, rank, dtype in plan:
+        for what, rank, dtype in order:
             label = f"{what} r={rank}" + (f" {dtype}" if dtype else "")
             if what == "torch" and not torch_ok:
                 if not torch:
@@ -471,14 +460,16 @@ def run(size_name: str = "paper", *, ranks=None, dtypes=None, sections=("rounds"
                 continue
             t0 = time.perf_counter()
             if what == "jax":
-                row, setup = jax_round(size, rank, dtype, log)
+                row, setup = jax_round(size, rank, dtype, log, paper)
                 rounds.append(row)
                 setups.setdefault(rank, setup)
             else:
                 rounds.append(torch_round(setups[rank], size, rank, log))
             spent[what] = time.perf_counter() - t0
     if "merges" in sections:
-        shapes = next(iter(setups.values())).backbone.lora_shapes if setups else _lora_shapes(size)
+        arch = size["backbone"]
+        shapes = (next(iter(setups.values())).backbone.lora_shapes if setups
+                  else common.vit_lora_shapes(arch["depth"], arch["width"], arch["mlp"]))
         merges = merge_lines(shapes, size["clients"], max(ranks), torch_ok=torch_ok,
                              ref_layers_per_shape=ref_layers_per_shape, log=log, budget_left=left)
         skipped += [f"merge {m['factor']} {m['gram']}: budget" for m in merges if m["status"] != "ok"]
@@ -492,44 +483,26 @@ def run(size_name: str = "paper", *, ranks=None, dtypes=None, sections=("rounds"
             "size_spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()}}
 
 
-def _lora_shapes(size: Mapping) -> dict:
-    b = size["backbone"]
-    d, m = b["width"], b["mlp"]
-    out = {}
-    for i in range(b["depth"]):
-        out.update({f"block_{i:02d}/attn/qkv": (3 * d, d), f"block_{i:02d}/attn/out": (d, d),
-                    f"block_{i:02d}/mlp/fc1": (m, d), f"block_{i:02d}/mlp/fc2": (d, m)})
-    return out
-
-
-def dry_run(size_name: str, ranks=None, dtypes=None, log: Callable[[str], None] = print) -> dict:
-    """Build the first round's setup (no training) and report the plan: configs, client sizes, the lanes and packed passes, model
-    FLOPs per image. Checks that the paper-size configuration is valid without a GPU."""
+def dry_run(size_name: str, ranks=None, dtypes=None, log: Callable[[str], None] = print,
+            paper: str = PAPER_CONFIG) -> dict:
+    """Build the first round's setup (no training) and report the plan: configs, client sizes, the lanes and packed
+    passes, model FLOPs per image. Checks that the paper-size configuration is valid without a GPU."""
     size = SIZES[size_name]
     ranks, dtypes = tuple(ranks or size["ranks"]), tuple(dtypes or size["dtypes"])
-    t0 = time.perf_counter()
-    setup = continual.build_setup(round_config(size, ranks[0], dtypes[0]))
+    built = common.timed(lambda: plan.build_setup(round_config(size, ranks[0], dtypes[0], paper=paper)))
+    setup = built.out
     sizes = [len(p) for p in setup.partitions[0]]
-    plan = {"size": size_name, "lines": [(r, d) for r in ranks for d in dtypes], "client_sizes": sizes,
+    report = {"size": size_name, "lines": [(r, d) for r in ranks for d in dtypes], "client_sizes": sizes,
             "lanes": setup.schedule.lanes, "lane_steps": setup.schedule.num_steps,
             "gram_batches": setup.schedule.gram_packed[0]["num_batches"],
-            "lora_layers": len(setup.backbone.lora_shapes), "build_s": time.perf_counter() - t0,
+            "lora_layers": len(setup.backbone.lora_shapes), "build_s": built.seconds,
             "flops_per_image": {r: vit_flops(**size["backbone"], rank=r, num_classes=size["classes"]) for r in ranks}}
-    log(json.dumps(plan, indent=1, default=str))
-    return plan
-
-
-def _commit() -> str | None:
-    try:
-        import subprocess  # noqa: PLC0415
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    log(json.dumps(report, indent=1, default=str))
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_accelerator", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lorm-jax bench-accelerator", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke size (tiny ViT, 4 clients, 64 images)")
     p.add_argument("--out", default="bench_accelerator", help="directory for bench_accelerator.json / .md")
     p.add_argument("--ranks", nargs="+", type=int, help="default: 1 16 (tiny: 2)")
@@ -542,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build the first setup and print the plan; run nothing")
     p.add_argument("--ref-layers-per-shape", type=int, default=1,
                    help="reference merge: layers merged per distinct shape, total extrapolated (<= 0: all)")
+    p.add_argument("--paper-config", default=PAPER_CONFIG, metavar="FILE[:ARG]",
+                   help="the config the round starts from (default: %(default)s, in the current directory or the "
+                        "source checkout of lorm_jax)")
     return p
 
 
@@ -549,21 +525,21 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point (``lorm-jax bench-accelerator``)."""
     args = build_parser().parse_args(argv)
     if args.dry_run:
-        dry_run("tiny" if args.tiny else "paper", args.ranks, args.dtypes)
+        dry_run("tiny" if args.tiny else "paper", args.ranks, args.dtypes, paper=args.paper_config)
         return 0
     # JAX must leave GPU memory for the PyTorch half (read when the backend starts, i.e. at the first computation)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = " ".join(["bench_accelerator", *(sys.argv[1:] if argv is None else argv)])
-    print(f"# bench_accelerator {started.isoformat(timespec='seconds')} | {command} | {platform.node()} "
-          f"{os.cpu_count()} cores | {jax.devices()[0].device_kind}", flush=True)
+    command = " ".join(["lorm-jax bench-accelerator", *(sys.argv[1:] if argv is None else argv)])
+    machine = common.machine_info()
+    print(f"# bench-accelerator {started.isoformat(timespec='seconds')} | {command} | {machine['node']} "
+          f"{machine['cpu_count']} cores | {machine['device_kind']}", flush=True)
     result = run("tiny" if args.tiny else "paper", ranks=args.ranks, dtypes=args.dtypes, sections=args.sections,
                  torch=not args.no_torch, budget_s=args.budget,
                  ref_layers_per_shape=None if args.ref_layers_per_shape <= 0 else args.ref_layers_per_shape,
-                 log=lambda s: print(s, flush=True))
-    result.update(date=started.isoformat(timespec="seconds"), command=command, commit=_commit(),
-                  machine={"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                           "devices": [str(d) for d in jax.devices()]})
+                 log=lambda s: print(s, flush=True), paper=args.paper_config)
+    result.update(date=started.isoformat(timespec="seconds"), command=command, commit=machine["commit"],
+                  machine=machine)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_accelerator.json"), "w") as fh:
         json.dump(result, fh, indent=2, default=float)

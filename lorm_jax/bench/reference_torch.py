@@ -1,4 +1,4 @@
-"""A timing model of the reference implementation's LoRM round in PyTorch (needs only numpy and torch).
+"""A timing model of the reference implementation's LoRM round in PyTorch (needs torch, an optional dependency).
 
 The reference (aimagelab/fed-mammoth, ``models/lorm.py`` and its bases; behaviour summarised in LORM_SPEC.md §5, §6,
 §10.6) runs one federated round as below, and so does :func:`reference_round`. This is our own code written from
@@ -33,13 +33,14 @@ attention also uses ``scaled_dot_product_attention``), randomly initialised: wei
 from __future__ import annotations
 
 import math
-import time
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lorm_jax.bench import common
 
 GRAM_ALPHA_BACKBONE = 0.0  # the paper's α for LoRA layers (diagonal Grams, sent as dense matrices)
 GRAM_ALPHA_HEAD = 0.5
@@ -104,7 +105,8 @@ class ViT(nn.Module):
 
 
 def lora_modules(model: ViT) -> dict[str, nn.Linear]:
-    """The reference's LoRA targets: every block's attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (state-dict prefix → module)."""
+    """The reference's LoRA targets: every block's attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (state-dict prefix →
+    module)."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in
             ("qkv", "proj", "fc1", "fc2")}
@@ -263,12 +265,11 @@ def merge_head(heads: Sequence[dict], grams: Sequence[torch.Tensor], weights: Se
 # ----------------------------------------------------------------------------------------------------------------------
 # The round.
 
-def _timed(fn, device):
+def _timed(fn, device) -> tuple[float, object]:
+    """(seconds, ``fn()``) with the device's queue drained before and after (:func:`lorm_jax.bench.common.timed`)."""
     _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
+    t = common.timed(fn, sync=lambda _: _sync(device))
+    return t.seconds, t.out
 
 
 def build(arch: Mapping, num_classes: int, rank: int, device: torch.device, seed: int = 0):

@@ -35,8 +35,8 @@ d_in = 384, 6 with d_in = 1536), K = 10, r = 8.
 
 Usage::
 
-    python experiments/bench_merge.py [--quick] [--json OUT] [--x64]
-    python experiments/bench_merge.py --vmap [--json OUT]
+    lorm-jax bench-merge [--quick] [--json OUT] [--x64]
+    lorm-jax bench-merge --vmap [--json OUT]
 
 ``--quick`` (CI): ViT-S/14, r = 8, A-factor, full and diagonal Grams, all 48 layers. ``--x64`` runs our merge with
 ``dtype=float64`` (``jax_enable_x64``). Importable: :func:`run_benchmark` returns the rows, :func:`main` is the CLI.
@@ -48,22 +48,16 @@ import datetime
 import gc
 import json
 import os
-import platform
-import statistics
 import sys
 import threading
-import time
 from typing import Callable, Iterable, Mapping
-
-import numpy as np
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-if __name__ == "__main__":  # run as a script from a checkout: make the repository's lorm_jax importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lorm_jax import merging  # noqa: E402
+from lorm_jax import merging
+from lorm_jax.bench import common
 
 LayerShapes = Mapping[str, tuple[int, int]]  # path -> (d_out, d_in)
 
@@ -74,20 +68,9 @@ N_CLIENTS = 10
 PINV_RCOND = 1e-15  # torch.pinverse's default in float64
 
 
-def vit_layer_shapes(n_blocks: int, d_model: int, d_mlp: int) -> dict[str, tuple[int, int]]:
-    """LoRA layers of a ViT with fused qkv: per block qkv, proj, fc1, fc2 as ``{path: (d_out, d_in)}``."""
-    shapes = {}
-    for i in range(n_blocks):
-        shapes[f"block_{i}/attn/qkv"] = (3 * d_model, d_model)
-        shapes[f"block_{i}/attn/proj"] = (d_model, d_model)
-        shapes[f"block_{i}/mlp/fc1"] = (d_mlp, d_model)
-        shapes[f"block_{i}/mlp/fc2"] = (d_model, d_mlp)
-    return shapes
-
-
 MODELS: dict[str, dict[str, tuple[int, int]]] = {
-    "vit_b16": vit_layer_shapes(12, 768, 3072),
-    "vit_s14": vit_layer_shapes(12, 384, 1536),
+    "vit_b16": common.vit_lora_shapes(12, 768, 3072),
+    "vit_s14": common.vit_lora_shapes(12, 384, 1536),
 }
 MODEL_LABELS = {"vit_b16": "ViT-B/16", "vit_s14": "ViT-S/14"}
 
@@ -204,12 +187,6 @@ def _solve_diagnostics(client_lora: Mapping, grams: Mapping, factor: str, dtype)
 # ----------------------------------------------------------------------------------------------------------------------
 # Timing.
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 class CallTimeout(RuntimeError):
     """One call of our jitted merge did not return within the watchdog's limit."""
 
@@ -242,17 +219,6 @@ def _with_timeout(fn: Callable[[], object], timeout_s: float | None) -> Callable
     return wrapped
 
 
-def _repeat(fn: Callable[[], object], repeats: int, budget_s: float | None = None) -> tuple[list[float], object]:
-    """Run ``fn`` up to ``repeats`` times (at least once); with a budget, stop before a run that would exceed it."""
-    times, out = [], None
-    while len(times) < repeats:
-        if budget_s is not None and times and sum(times) + statistics.fmean(times) > budget_s:
-            break
-        t, out = _timed(fn)
-        times.append(t)
-    return times, out
-
-
 def _rel_err(ours: Mapping, base: Mapping, factor: str) -> float:
     worst = 0.0
     for path, ref in base.items():
@@ -278,7 +244,8 @@ def _resolve_models(models) -> dict[str, dict[str, tuple[int, int]]]:
     out = {}
     for name in models:
         if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or pass {{name: {{path: (d_out, d_in)}}}})")
+            raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} "
+                             "(or pass {name: {path: (d_out, d_in)}})")
         out[name] = MODELS[name]
     return out
 
@@ -311,8 +278,7 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
     try:
         for model, shapes in models.items():
             for kind in gram_kinds:
-                t_gen, gram_tree = _timed(lambda: make_grams(shapes, n_clients, kind, seed=seed))
-                jax.block_until_ready(gram_tree)
+                t_gen, _, gram_tree = common.timed(lambda: make_grams(shapes, n_clients, kind, seed=seed))
                 gram_np = {p: np.asarray(g) for p, g in gram_tree.items()}  # zero-copy host views on CPU
                 log(f"[{model} {kind}] generated {len(shapes)} layers x {n_clients} client Grams in {t_gen:.1f} s")
                 for factor in factors:
@@ -324,32 +290,34 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
                             continue
                         lora = make_client_lora(shapes, n_clients, r, factor, seed=seed)
                         lora_np = {p: {k: np.asarray(v) for k, v in f.items()} for p, f in lora.items()}
-                        compile_s, compiled = _timed(lambda: merge.lower(lora, gram_tree).compile())
+                        compile_s, _, compiled = common.timed(lambda: merge.lower(lora, gram_tree).compile())
                         call = _with_timeout(lambda: jax.block_until_ready(compiled(lora, gram_tree)), call_timeout_s)
                         status, first_s, ours_t, ours = "ok", None, [], None
                         try:
-                            first_s, _ = _timed(call)
-                            ours_t, ours = _repeat(call, repeats)
+                            first_s = common.timed(call).seconds
+                            ours_t = common.repeat(call, repeats)
+                            ours = ours_t[-1].out
                         except CallTimeout as exc:
                             status = f"hang: run {len(ours_t) + (first_s is not None) + 1} of ours: {exc}"
                             hung = f"{model} {factor} {kind} r={r}"
-                        base_t, base = _repeat(lambda: baseline_merge(lora_np, gram_np, factor), repeats,
-                                               baseline_budget_s)
+                        base_t = common.repeat(lambda: baseline_merge(lora_np, gram_np, factor), repeats,
+                                               budget_s=baseline_budget_s)
+                        base = base_t[-1].out
                         fallbacks, pivot = _solve_diagnostics(lora, gram_tree, factor, dtype)
                         ok = status == "ok"
                         row = dict(model=model, factor=factor, gram=kind, r=r, K=n_clients, layers=len(shapes),
                                    dtype=jnp.dtype(dtype).name, compile_s=compile_s, first_call_s=first_s,
-                                   ours_ms=1e3 * statistics.median(ours_t) if ok else None, ours_runs=len(ours_t),
-                                   baseline_ms=1e3 * statistics.median(base_t), baseline_runs=len(base_t),
+                                   ours_ms=1e3 * common.median(ours_t) if ok else None, ours_runs=len(ours_t),
+                                   baseline_ms=1e3 * common.median(base_t), baseline_runs=len(base_t),
                                    rel_err=_rel_err(ours, base, factor) if ok else None, fallback_layers=fallbacks,
                                    min_pivot=pivot, status=status)
                         row["speedup"] = row["baseline_ms"] / row["ours_ms"] if ok else None
                         rows.append(row)
                         log(format_row(row))
-                        del lora, lora_np, compiled, ours, base
+                        lora = lora_np = compiled = ours = base = None  # freed before the next config
                         gc.collect()
-                    del merge
-                del gram_tree, gram_np
+                    merge = None
+                gram_tree = gram_np = None
                 gc.collect()
     finally:
         if x64 and not x64_before:
@@ -360,7 +328,7 @@ def run_benchmark(models: Iterable[str] | Mapping[str, LayerShapes] = ("vit_s14"
 # ----------------------------------------------------------------------------------------------------------------------
 # Merges under vmap: jit(vmap(merge_lora_A)) per stack of same-shape layers vs one merge_lora_tree call.
 
-VMAP_SHAPES = vit_layer_shapes(6, 384, 1536)  # 24 layers: 18 with d_in = 384, 6 with d_in = 1536
+VMAP_SHAPES = common.vit_lora_shapes(6, 384, 1536)  # 24 layers: 18 with d_in = 384, 6 with d_in = 1536
 
 
 def _stacked_tree_a(client_lora: Mapping, grams: Mapping) -> dict:
@@ -387,36 +355,35 @@ def run_vmap_benchmark(shapes: LayerShapes = VMAP_SHAPES, n_clients: int = N_CLI
     stacks = {d: (jnp.stack([lora[p]["A"] for p in paths]), jnp.stack([grams[p] for p in paths]))
               for d, paths in by_d.items()}
     jax.block_until_ready((grams, lora, stacks))
-    tree_c = _timed(lambda: jax.jit(lambda cl, g: merging.merge_lora_tree(cl, g, "A")).lower(lora, grams).compile())
-    stacked_c = _timed(lambda: jax.jit(_stacked_tree_a).lower(lora, grams).compile())
+    timed, median = common.timed, common.median
+    tree_c = timed(lambda: jax.jit(lambda cl, g: merging.merge_lora_tree(cl, g, "A")).lower(lora, grams).compile())
+    stacked_c = timed(lambda: jax.jit(_stacked_tree_a).lower(lora, grams).compile())
     vmapped = jax.jit(jax.vmap(merging.merge_lora_A))
-    vm_c = {d: _timed(lambda st=st: vmapped.lower(*st).compile()) for d, st in stacks.items()}
-    call = lambda c, *args: _timed(lambda: jax.block_until_ready(c(*args)))
-    tree_first, tree_out = call(tree_c[1], lora, grams)
-    stacked_first, stacked_out = call(stacked_c[1], lora, grams)
-    vm_first = {d: call(vm_c[d][1], *stacks[d]) for d in stacks}
-    tree_t, stacked_t, vm_t = [], [], {d: [] for d in stacks}
-    for _ in range(max(1, int(repeats))):
-        tree_t.append(call(tree_c[1], lora, grams)[0])
-        stacked_t.append(call(stacked_c[1], lora, grams)[0])
-        for d in stacks:
-            vm_t[d].append(call(vm_c[d][1], *stacks[d])[0])
+    vm_c = {d: timed(lambda st=st: vmapped.lower(*st).compile()) for d, st in stacks.items()}
+    programs = {"tree": (tree_c.out, (lora, grams)), "stacked": (stacked_c.out, (lora, grams)),
+                **{d: (vm_c[d].out, stacks[d]) for d in stacks}}
+    first = {name: timed(lambda c=c, args=args: c(*args)) for name, (c, args) in programs.items()}
+    runs = {name: [] for name in programs}
+    for _ in range(max(1, int(repeats))):  # interleaved: a slow phase of the machine hits every program alike
+        for name, (c, args) in programs.items():
+            runs[name].append(timed(lambda c=c, args=args: c(*args)))
+    tree_out, stacked_out = first["tree"].out, first["stacked"].out
     worst = 0.0
     for d, paths in by_d.items():
-        out = np.asarray(vm_first[d][1], np.float64)
+        out = np.asarray(first[d].out, np.float64)
         for i, p in enumerate(paths):
             ref = np.asarray(tree_out[p]["A"], np.float64)
             scale = max(np.max(np.abs(ref)), 1e-30)
             worst = max(worst, float(np.max(np.abs(out[i] - ref)) / scale),
                         float(np.max(np.abs(np.asarray(stacked_out[p]["A"], np.float64) - ref)) / scale))
-    groups = [{"d_in": d, "layers": len(paths), "compile_s": vm_c[d][0], "first_call_s": vm_first[d][0],
-               "ms": 1e3 * statistics.median(vm_t[d])} for d, paths in by_d.items()]
-    vmap_ms, tree_ms = sum(g["ms"] for g in groups), 1e3 * statistics.median(tree_t)
-    result = {"layers": len(shapes), "K": n_clients, "r": rank, "repeats": len(tree_t), "groups": groups,
-              "vmap_ms": vmap_ms, "tree_ms": tree_ms, "tree_compile_s": tree_c[0], "tree_first_call_s": tree_first,
-              "stacked_tree_ms": 1e3 * statistics.median(stacked_t), "stacked_tree_compile_s": stacked_c[0],
-              "stacked_tree_first_call_s": stacked_first, "ratio": vmap_ms / tree_ms,
-              "within_2x": vmap_ms <= 2 * tree_ms, "max_rel_diff": worst}
+    groups = [{"d_in": d, "layers": len(paths), "compile_s": vm_c[d].seconds, "first_call_s": first[d].seconds,
+               "ms": 1e3 * median(runs[d])} for d, paths in by_d.items()]
+    vmap_ms, tree_ms = sum(g["ms"] for g in groups), 1e3 * median(runs["tree"])
+    result = {"layers": len(shapes), "K": n_clients, "r": rank, "repeats": len(runs["tree"]), "groups": groups,
+              "vmap_ms": vmap_ms, "tree_ms": tree_ms, "tree_compile_s": tree_c.seconds,
+              "tree_first_call_s": first["tree"].seconds, "stacked_tree_ms": 1e3 * median(runs["stacked"]),
+              "stacked_tree_compile_s": stacked_c.seconds, "stacked_tree_first_call_s": first["stacked"].seconds,
+              "ratio": vmap_ms / tree_ms, "within_2x": vmap_ms <= 2 * tree_ms, "max_rel_diff": worst}
     log(format_vmap(result))
     return result
 
@@ -432,7 +399,8 @@ def format_vmap(result: Mapping) -> str:
     lines.append(f"| jit(merge_lora_tree), same-shape layers stacked + vmapped | {result['layers']} | "
                  f"{result['stacked_tree_compile_s']:.2f} | {result['stacked_tree_first_call_s']:.2f} | "
                  f"{result['stacked_tree_ms']:.1f} |")
-    lines.append(f"\nvmapped / tree = {result['ratio']:.2f} (target <= 2: {'met' if result['within_2x'] else 'NOT met'}); "
+    lines.append(f"\nvmapped / tree = {result['ratio']:.2f} (target <= 2: "
+                 f"{'met' if result['within_2x'] else 'NOT met'}); "
                  f"max |other - tree| / max |tree| = {result['max_rel_diff']:.1e}")
     return "\n".join(lines)
 
@@ -444,18 +412,15 @@ _HEADER = ("model", "factor", "gram", "r", "K", "layers", "compile s", "ours ms"
            "rel. err", "eigh fallback", "min pivot²", "base runs")
 
 
-def _fmt(x, spec: str, missing: str = "n/a") -> str:
-    return missing if x is None else format(x, spec)
-
-
 def _cells(row: Mapping) -> list[str]:
     fb = "n/a" if row["fallback_layers"] is None else f"{row['fallback_layers']}/{row['layers']}"
     ok = row.get("status", "ok") == "ok"
+    fmt = common.fmt
     return [MODEL_LABELS.get(row["model"], row["model"]), row["factor"], row["gram"], str(row["r"]), str(row["K"]),
-            str(row["layers"]), _fmt(row["compile_s"], ".2f", "-"),
-            _fmt(row["ours_ms"], ".1f", "HANG" if row["status"].startswith("hang") else "skipped"),
-            _fmt(row["baseline_ms"], ".1f", "-"), _fmt(row["speedup"], ".1f") + ("x" if ok else ""),
-            _fmt(row["rel_err"], ".1e"), fb, _fmt(row["min_pivot"], ".1e"), str(row["baseline_runs"])]
+            str(row["layers"]), fmt(row["compile_s"], ".2f", "-"),
+            fmt(row["ours_ms"], ".1f", "HANG" if row["status"].startswith("hang") else "skipped"),
+            fmt(row["baseline_ms"], ".1f", "-"), fmt(row["speedup"], ".1f", "n/a") + ("x" if ok else ""),
+            fmt(row["rel_err"], ".1e", "n/a"), fb, fmt(row["min_pivot"], ".1e", "n/a"), str(row["baseline_runs"])]
 
 
 def format_row(row: Mapping) -> str:
@@ -478,15 +443,8 @@ def headline(rows: Iterable[Mapping]) -> dict | None:
     return None
 
 
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "numpy": np.__version__, "jax_devices": [str(d) for d in jax.devices()],
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_merge", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lorm-jax bench-merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI subset: ViT-S/14, r=8, A-factor, full + diagonal Grams")
     p.add_argument("--json", metavar="OUT", help="also write the rows and metadata as JSON")
     p.add_argument("--x64", action="store_true", help="our merge in float64 (enables jax_enable_x64)")
@@ -502,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one call of our merge may take before it is declared hung (<= 0: wait forever)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vmap", action="store_true",
-                   help="only the 'merges under vmap' section: jit(vmap(merge_lora_A)) per layer stack vs merge_lora_tree")
+                   help="only the 'merges under vmap' section: jit(vmap(merge_lora_A)) per layer stack vs "
+                        "merge_lora_tree")
     return p
 
 
@@ -514,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         defaults = dict(models=["vit_s14", "vit_b16"], factors=list(FACTORS), grams=list(GRAM_KINDS), ranks=list(RANKS))
     cfg = {k: getattr(args, k) or v for k, v in defaults.items()}
     started = datetime.datetime.now().astimezone()
-    command = " ".join([os.path.basename(sys.executable), *sys.argv] if argv is None else ["bench_merge", *argv])
-    info = machine_info()
-    print(f"# bench_merge {started.isoformat(timespec='seconds')} | {command}")
+    command = " ".join(["lorm-jax bench-merge", *(sys.argv[1:] if argv is None else argv)])
+    info = common.machine_info()
+    print(f"# bench-merge {started.isoformat(timespec='seconds')} | {command}")
     print(f"# {info['processor']}, {info['cpu_count']} cores, jax {info['jax']}, numpy {info['numpy']}, "
           f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
     if args.vmap:

@@ -9,7 +9,7 @@ lane program, :func:`lorm_jax.federated.train_clients`, so only the layout diffe
   client *of the run* (as that engine did: here the largest over ``RUN_TASKS`` = 5 draws of the task, seeds 0-4;
   vmapped, a finished client idles); also padded to the task's own largest client, a kinder baseline;
 * **lanes**: clients bin-packed longest-first into P lanes run back to back (:func:`lorm_jax.data.batching.pack_lanes`),
-  P chosen as the engine does (:func:`lorm_jax.federated.choose_lanes`: one per device on a CPU, ⌈ΣS/S_max⌉ on an
+  P chosen as the engine does (:func:`lorm_jax.memory.choose_lanes`: one per device on a CPU, ⌈ΣS/S_max⌉ on an
   accelerator); on an accelerator also P = 1 for reference;
 * **sequential**: a Python loop over the clients, one single-client call each (the reference's loop).
 
@@ -18,7 +18,7 @@ client-steps per second (ΣS_k / wall), and the utilisation the engine reports (
 
 Usage::
 
-    python experiments/bench_clients.py [--quick] [--json OUT] [--markdown OUT] [--backbones tiny_vit,dinov2_s14_56px]
+    lorm-jax bench-clients [--quick] [--json OUT] [--markdown OUT] [--backbones tiny_vit,dinov2_s14_56px]
 
 ``--quick``: tiny ViT only, K = 10, one timed call. Importable: :func:`run_benchmark`, :func:`main`.
 """
@@ -28,23 +28,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
-import statistics
-import sys
-import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-if __name__ == "__main__":  # run as a script from a checkout: make the repository's lorm_jax importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from lorm_jax import backbones, federated, sharding  # noqa: E402
-from lorm_jax import lora as lora_lib  # noqa: E402
-from lorm_jax.data import batching, partition  # noqa: E402
+from lorm_jax import backbones, federated, memory, objective, sharding
+from lorm_jax import lora as lora_lib
+from lorm_jax.bench import common
+from lorm_jax.data import batching, partition
 
 TINY = {"image_size": 16, "patch": 4, "width": 32, "depth": 2, "heads": 2, "mlp": 64, "seed": 0}
 BACKBONES = {"tiny_vit": ("tiny_vit", TINY), "dinov2_s14_56px": ("dinov2_s14", {"image_size": 56})}
@@ -57,21 +49,10 @@ RUN_TASKS = 5  # the "run" whose largest client the engine before lanes padded t
 PADDED_RUN = "padded vmap (run's largest: engine before)"
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _timed(fn, repeats: int) -> tuple[float, float]:
+def _first_and_median(fn, repeats: int) -> tuple[float, float]:
     """(first call incl. compilation, median of ``repeats`` further calls), seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    first = common.timed(fn).seconds
+    return first, common.median(common.repeat(fn, repeats))
 
 
 def client_sizes(num_clients: int, samples: int, beta: float, seed: int = 0) -> list[np.ndarray]:
@@ -95,10 +76,10 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
     def prepare(d, idx, keys, train):  # inputs already at the backbone's size: the benchmark is the client step
         return d["x"][idx], d["y"][idx]
 
-    fns = federated.build_client_functions(bb, prepare, lr_head=1e-2, weight_decay=0.0, backbone_gram="diag",
-                                           alpha_backbone=0.0, head_gram="diag", alpha_head=0.0, mesh=mesh)
+    programs = federated.build_client_programs(bb, prepare, lr_head=1e-2, weight_decay=0.0, backbone_gram="diag",
+                                               alpha_backbone=0.0, head_gram="diag", alpha_head=0.0, mesh=mesh)
     lora = lora_lib.init(jax.random.PRNGKey(1), bb.lora_shapes, RANK)
-    head = federated.init_head(jax.random.PRNGKey(2), NUM_CLASSES, bb.feature_dim)
+    head = objective.init_head(jax.random.PRNGKey(2), NUM_CLASSES, bb.feature_dim)
     data, lora, head = sharding.replicate((data, lora, head), mesh)
     class_mask = np.ones(NUM_CLASSES, bool)
     rows = []
@@ -120,10 +101,10 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
                 return batching.lane_schedule(idx, mask, members, num_steps=num_steps, num_slots=slots)
 
             def call(lay, keys=keys):
-                return federated.train_clients(fns, bb.params, data, lora, head, lay, keys, (0.0, 1.0), 1e-3,
+                return federated.train_clients(programs, bb.params, data, lora, head, lay, keys, "B", 1e-3,
                                                class_mask)
 
-            auto = federated.choose_lanes([steps], devices=1, platform=device.platform, max_lanes=num_clients)
+            auto = memory.choose_lanes([steps], devices=1, platform=device.platform, max_lanes=num_clients)
             # (lane_schedule's loop length is the longest lane; the engine before ran every client s_run steps)
             layouts = {PADDED_RUN: dict(lanes_of([[k] for k in range(num_clients)], s_run), num_steps=s_run),
                        "padded vmap (task's largest)": lanes_of([[k] for k in range(num_clients)], s_max),
@@ -131,12 +112,13 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
             if device.platform != "cpu" and auto != 1:
                 layouts["lanes (P = 1)"] = lanes_of(batching.pack_lanes(steps, 1), s_sum)
             for mode, lay in layouts.items():
-                first, wall = _timed(lambda lay=lay: call(lay), repeats)
+                first, wall = _first_and_median(lambda lay=lay: call(lay), repeats)
                 rows.append(_row(label, num_clients, beta, steps, mode, lay["real_steps"],
                                  len(lay["idx"]) * lay["num_steps"], first, wall))
                 print(_format(rows[-1]), flush=True)
             singles = [lanes_of([[0]], s_max, [own_idx[k]], [own_mask[k]]) for k in range(num_clients)]
-            first, wall = _timed(lambda: [call(singles[k], keys[k:k + 1]) for k in range(num_clients)], repeats)
+            first, wall = _first_and_median(lambda: [call(singles[k], keys[k:k + 1]) for k in range(num_clients)],
+                                            repeats)
             rows.append(_row(label, num_clients, beta, steps, "sequential loop", s_sum, s_sum, first, wall))
             print(_format(rows[-1]), flush=True)
             base = next(r for r in rows[-len(layouts) - 1:] if r["mode"] == PADDED_RUN)
@@ -149,7 +131,7 @@ def _row(label, k, beta, steps, mode, real, run, first, wall) -> dict:
     return {"backbone": label, "clients": k, "beta": beta, "sum_steps": int(steps.sum()), "max_steps": int(steps.max()),
             "mode": mode, "lane_steps_run": int(run), "train_utilization": real / run, "wall_s": wall,
             "compile_s": max(first - wall, 0.0), "client_steps_per_s": int(steps.sum()) / wall,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": common.peak_rss_mb()}
 
 
 def _format(r: dict) -> str:
@@ -177,13 +159,12 @@ def run_benchmark(*, quick: bool = False, backbone_names: list[str] | None = Non
             print(f"skipped {label}: {e}", flush=True)
     table = HEADER + "\n" + "\n".join(_format(r) for r in rows)
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "device": str(jax.devices()[0]), "platform": platform.platform(), "quick": quick, "rows": rows,
+            "load_average_at_end": os.getloadavg(), "machine": common.machine_info(), "quick": quick, "rows": rows,
             "skipped": skipped, "markdown": table}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lorm-jax bench-clients", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny ViT only, K = 10, one timed call")
     p.add_argument("--json", default=None, help="write the rows and machine info here")
     p.add_argument("--markdown", default=None, help="write the table here")
