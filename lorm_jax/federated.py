@@ -224,42 +224,62 @@ def _zero_grams(backbone, backbone_gram: str, head_gram: str, num_clients: int, 
 # ----------------------------------------------------------------------------------------------------------------------
 # Host side: lay out, place, call, and bring the outputs back in client order
 
-def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
-                  class_mask) -> dict:
-    """Local training of every client laid out in ``lanes`` (:func:`lorm_jax.data.batching.lane_schedule`) from the
-    server's ``lora0`` / ``head0``, the LoRA ``factor`` ("A", "B", "AB" or "" for head only) and the head moving:
-    ``{"lora", "head": [K, ...], "loss", "num_steps", "finite": [K]}`` in client order, replicated on every device
-    (and process)."""
+def train_call(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
+               class_mask) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.train`` for local training from the server's ``lora0`` / ``head0`` of
+    the clients laid out in ``lanes`` (:func:`lorm_jax.data.batching.lane_schedule`), the LoRA ``factor`` ("A", "B",
+    "AB" or "" for head only) and the head moving; placed on the mesh (shapes only for a mesh that is not here)."""
     mesh = programs.mesh
     steps = sharding.put_clients({n: lanes[n] for n in ("idx", "mask", "client", "step", "first", "slot")}, mesh)
     shared = sharding.replicate((frozen, data, lora0, head0, keys), mesh)
-    factor_on = jnp.asarray([float("A" in factor), float("B" in factor)], jnp.float32)  # traced: one program
-    out = programs.train(*shared[:4], steps, shared[4], jnp.int32(lanes["num_steps"]), factor_on,
-                         jnp.float32(lr_factor), jnp.asarray(class_mask), num_slots=int(lanes["num_slots"]))
-    return programs.by_client(out, jnp.asarray(lanes["lane_of"]), jnp.asarray(lanes["slot_of"]))
+    factor_on = np.asarray([float("A" in factor), float("B" in factor)], np.float32)  # traced: one program
+    scalars = sharding.replicate((np.int32(lanes["num_steps"]), factor_on, np.float32(lr_factor),
+                                  np.asarray(class_mask)), mesh)
+    return (*shared[:4], steps, shared[4], *scalars), {"num_slots": int(lanes["num_slots"])}
+
+
+def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
+                  class_mask) -> dict:
+    """Local training of every client (:func:`train_call`): ``{"lora", "head": [K, ...], "loss", "num_steps",
+    "finite": [K]}`` in client order, replicated on every device (and process)."""
+    args, kwargs = train_call(programs, frozen, data, lora0, head0, lanes, keys, factor, lr_factor, class_mask)
+    out = programs.train(*args, **kwargs)
+    return programs.by_client(out, *sharding.replicate((lanes["lane_of"], lanes["slot_of"]), programs.mesh))
+
+
+def grams_call(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys,
+               lora_scale) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.grams``: a packed pass (:func:`lorm_jax.data.batching.packed_schedule`)
+    through ``gram_params`` with each client's LoRA (``client_lora`` client-stacked [K, ...], B scaled by
+    ``lora_scale``; or None)."""
+    mesh = programs.mesh
+    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, keys, np.int32(packed["num_batches"]),
+                                 np.float32(lora_scale)), mesh)
+    return (*shared[:3], arrays, *shared[3:]), {"num_clients": int(keys.shape[0])}
 
 
 def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale) -> tuple:
-    """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass
-    (:func:`lorm_jax.data.batching.packed_schedule`) through ``gram_params`` with each client's LoRA
-    (``client_lora`` client-stacked [K, ...], B scaled by ``lora_scale``; or None), replicated."""
+    """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass (:func:`grams_call`), replicated."""
+    args, kwargs = grams_call(programs, gram_params, data, client_lora, packed, keys, lora_scale)
+    return programs.grams(*args, **kwargs)
+
+
+def evaluate_call(programs: ClientPrograms, params, head, data, packed: dict, class_mask,
+                  num_segments: int) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.evaluate`` for a packed pass over test examples."""
     mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
-    shared = sharding.replicate((gram_params, data, client_lora, keys), mesh)
-    return programs.grams(*shared[:3], arrays, shared[3], jnp.int32(packed["num_batches"]), jnp.float32(lora_scale),
-                     num_clients=int(keys.shape[0]))
+    shared = sharding.replicate((params, head, data, np.int32(packed["num_batches"]), np.asarray(class_mask)), mesh)
+    return (*shared[:3], arrays, *shared[3:]), {"num_segments": num_segments}
 
 
 def count_correct(programs: ClientPrograms, params, head, data, packed: dict, class_mask,
                   num_segments: int) -> np.ndarray:
     """Correct top-1 predictions (logits outside ``class_mask`` removed) per segment of a packed pass over test
-    examples, e.g. per task: ``[num_segments]`` on the host."""
-    mesh = programs.mesh
-    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
-    shared = sharding.replicate((params, head, data), mesh)
-    out = programs.evaluate(*shared, arrays, jnp.int32(packed["num_batches"]), jnp.asarray(class_mask),
-                       num_segments=num_segments)
-    return np.asarray(sharding.gather(out))
+    examples (:func:`evaluate_call`), e.g. per task: ``[num_segments]`` on the host."""
+    args, kwargs = evaluate_call(programs, params, head, data, packed, class_mask, num_segments)
+    return np.asarray(sharding.gather(programs.evaluate(*args, **kwargs)))
 
 
 PACKED_ARRAYS = ("idx", "mask", "step", "position", "block_client")

@@ -73,7 +73,7 @@ def activation_bytes(backbone, rank: int, batch: int, max_len: int = 32) -> int:
         inputs = {"input_ids": ids, "attention_mask": ids}
     else:
         inputs = jax.ShapeDtypeStruct((batch, backbone.image_size, backbone.image_size, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda lo, x: backbone.apply(backbone.params, lo, x)[0])(lora, inputs)
+    jaxpr = jax.make_jaxpr(lambda p, lo, x: backbone.apply(p, lo, x)[0])(backbone.params, lora, inputs)
     return _jaxpr_bytes(jaxpr.jaxpr)
 
 

@@ -46,6 +46,9 @@ computes in double precision (TPUs have no float64; the float32 path is the accu
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
+import threading
 from typing import Callable
 
 import jax
@@ -68,6 +71,15 @@ CPU_UNROLL = 64
 CPU_UNROLL_MIN_DIM = 128
 # Relative eigenvalue cut-off of the pseudo-inverse fallback (numpy/torch pinv use max(M,N)·eps; float64 torch 1e-15).
 PINV_RCOND = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): 1e-13}
+
+
+# Whether the solvers being traced compile the eigh fallback in ("inline", the default: what any jit of a merge gets) or
+# leave it out and answer NaN where it would be needed (inside :func:`fast_first`, which then runs the inline program).
+_TRACING = threading.local()
+
+
+def _fallback_inline() -> bool:
+    return getattr(_TRACING, "inline", True)
 
 
 def _mm(a, b):
@@ -109,9 +121,18 @@ def _diag_solve(e: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.where(live, e / jnp.where(live, g, 1), 0)
 
 
+def _eigh(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(w, v)`` with ``g = V diag(w) Vᵀ``. On TPU with the Jacobi kernel (one custom call): JAX's default there for
+    d > 256 is a divide-and-conquer written in JAX whose program takes minutes to compile (docs/TPU.md)."""
+    def jacobi(g):
+        v, w = jax.lax.linalg.eigh(g, implementation=jax.lax.linalg.EighImplementation.JACOBI)
+        return w, v
+    return jax.lax.platform_dependent(g, tpu=jacobi, default=lambda g: tuple(jnp.linalg.eigh(g)))
+
+
 def _pinv_solve(e: jax.Array, g: jax.Array) -> jax.Array:
     """``E G^+`` through ``G = V diag(w) Vᵀ``, eigenvalues below ``rcond · max w`` treated as 0."""
-    w, v = jnp.linalg.eigh(g)
+    w, v = _eigh(g)
     cut = PINV_RCOND[g.dtype] * jnp.max(jnp.abs(w))
     inv_w = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
     return _mm(_mm(e, v) * inv_w, v.T)
@@ -166,13 +187,16 @@ def _fast_solve(e: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     return fast, (lam > SINGULAR_PIVOT[g.dtype]) & jnp.all(jnp.isfinite(fast))
 
 
-def _solve_one(e: jax.Array, g: jax.Array) -> jax.Array:
-    """``E G^+`` for one system: the fast path, or the eigh pseudo-inverse when its test fails (a real branch)."""
+def _solve_one(e: jax.Array, g: jax.Array, inline: bool = True) -> jax.Array:
+    """``E G^+`` for one system: the fast path, or the eigh pseudo-inverse when its test fails (a real branch); with
+    ``inline`` off, NaN where the pseudo-inverse would be needed (see :func:`fast_first`)."""
     fast, ok = _fast_solve(e, g)
+    if not inline:
+        return jnp.where(ok, fast, jnp.nan)
     return jax.lax.cond(ok, lambda: fast, lambda: _pinv_solve(e, g))
 
 
-def _solve_stack_looped(e: jax.Array, g: jax.Array) -> jax.Array:
+def _solve_stack_looped(e: jax.Array, g: jax.Array, inline: bool = True) -> jax.Array:
     """The stack one system at a time: the CPU path. Up to ``CPU_UNROLL`` systems of size d ≥ ``CPU_UNROLL_MIN_DIM``
     are unrolled (independent ops XLA may overlap, as for layers merged one by one); longer stacks and small systems,
     whose solves cost less than compiling their unrolled copies, run under ``lax.map``.
@@ -183,14 +207,16 @@ def _solve_stack_looped(e: jax.Array, g: jax.Array) -> jax.Array:
     pool, and a CPU gains nothing from batching d×d factorisations anyway.
     """
     if e.shape[0] <= CPU_UNROLL and g.shape[-1] >= CPU_UNROLL_MIN_DIM:
-        return jnp.stack([_solve_one(e[i], g[i]) for i in range(e.shape[0])])
-    return jax.lax.map(lambda args: _solve_one(*args), (e, g))
+        return jnp.stack([_solve_one(e[i], g[i], inline) for i in range(e.shape[0])])
+    return jax.lax.map(lambda args: _solve_one(*args, inline), (e, g))
 
 
-def _solve_stack_batched(e: jax.Array, g: jax.Array) -> jax.Array:
+def _solve_stack_batched(e: jax.Array, g: jax.Array, inline: bool = True) -> jax.Array:
     """The stack as one batched fast path (GPU/TPU); the eigh pseudo-inverse runs only when some layer needs it, and
-    then only for those layers (per-layer ``lax.cond`` inside ``lax.map``)."""
+    then only for those layers (per-layer ``lax.cond`` inside ``lax.map``); with ``inline`` off, NaN for them."""
     fast, ok = jax.vmap(_fast_solve)(e, g)
+    if not inline:
+        return jnp.where(ok[:, None, None], fast, jnp.nan)
 
     def repair():
         def layer(args):
@@ -201,29 +227,38 @@ def _solve_stack_batched(e: jax.Array, g: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.all(ok), lambda: fast, repair)
 
 
-@jax.custom_batching.custom_vmap
-def _solve_stack(e: jax.Array, g: jax.Array) -> jax.Array:
-    """``E_l G_l^+`` for a stack of L systems: e [L, m, d], g [L, d, d] → [L, m, d].
+def _stack_solver(inline: bool):
+    """``E_l G_l^+`` for a stack of L systems, e [L, m, d], g [L, d, d] → [L, m, d], with the eigh fallback compiled
+    in (``inline``) or replaced by NaN (:func:`fast_first`).
 
-    Being a ``custom_vmap``, a vmap over this function folds its axis into L instead of turning the fallback's
-    conditionals into selects (which would evaluate eigh for every layer).
+    Being a ``custom_vmap``, a vmap over the solver folds its axis into L instead of turning the fallback's
+    conditionals into selects (which would evaluate eigh for every layer). One solver object per mode, so that no
+    trace of one mode is ever reused for the other.
     """
-    if e.shape[0] == 1:
-        return _solve_one(e[0], g[0])[None]
-    return jax.lax.platform_dependent(e, g, cpu=_solve_stack_looped, default=_solve_stack_batched)
+    @jax.custom_batching.custom_vmap
+    def solve_stack(e: jax.Array, g: jax.Array) -> jax.Array:
+        if e.shape[0] == 1:
+            return _solve_one(e[0], g[0], inline)[None]
+        return jax.lax.platform_dependent(e, g, cpu=functools.partial(_solve_stack_looped, inline=inline),
+                                          default=functools.partial(_solve_stack_batched, inline=inline))
+
+    @solve_stack.def_vmap
+    def solve_stack_vmap(axis_size: int, in_batched, e: jax.Array, g: jax.Array):
+        """vmap of the solver: stacks [N, L, ...] are solved as one stack of N·L systems."""
+        e, g = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                for x, batched in zip((e, g), in_batched))
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        return solve_stack(flat(e), flat(g)).reshape(e.shape), True
+
+    return solve_stack
 
 
-@_solve_stack.def_vmap
-def _solve_stack_vmap(axis_size: int, in_batched, e: jax.Array, g: jax.Array):
-    """vmap of :func:`_solve_stack`: stacks [N, L, ...] are solved as one stack of N·L systems."""
-    e, g = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, batched in zip((e, g), in_batched))
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    return _solve_stack(flat(e), flat(g)).reshape(e.shape), True
+_SOLVE_STACK = {True: _stack_solver(True), False: _stack_solver(False)}
 
 
 def _full_solve(e: jax.Array, g: jax.Array) -> jax.Array:
     """``E G^+`` for a symmetric PSD ``G`` [d, d] and ``E`` [m, d] (see the module docstring)."""
-    return _solve_stack(e[None], g[None])[0]
+    return _SOLVE_STACK[_fallback_inline()](e[None], g[None])[0]
 
 
 def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
@@ -232,6 +267,46 @@ def solve_gram(e: jax.Array, gram: jax.Array, *, dtype=None) -> jax.Array:
     e, gram = e.astype(dtype), gram.astype(dtype)
     out = _diag_solve(e, gram) if gram.ndim == 1 else _full_solve(e, gram)
     return out.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastFirst:
+    """A jitted merge whose per-round program never contains the eigh fallback (see :func:`fast_first`).
+
+    ``fast``: the program with every full-Gram solve on its Cholesky fast path, a NaN where the fallback would be
+    needed; it returns ``(out, finite)``. ``exact``: the ordinary jit, fallback inline, compiled on first use only.
+    """
+    fast: Callable
+    exact: Callable
+
+    def __call__(self, *args, **kwargs):
+        out, finite = self.fast(*args, **kwargs)
+        return out if bool(finite) else self.exact(*args, **kwargs)
+
+
+def fast_first(fn: Callable, **jit_kwargs) -> FastFirst:
+    """``jax.jit(fn, **jit_kwargs)`` that compiles the eigh pseudo-inverse only when a call needs it.
+
+    The fallback is for numerically singular Grams, which the fast path's test detects; it is rare (shrunk Grams,
+    ``α < 1``, are positive definite) but as a real branch it is compiled into every program that merges with full
+    Grams, and an eigendecomposition is the most expensive op to compile there is (TPU: ~90 s for one d = 768 merge,
+    docs/TPU.md). Here ``fn`` is traced with the fallback left out: a system whose fast path fails yields NaN, and a
+    call whose output holds a NaN or inf runs ``fn`` again as the ordinary jit (compiled then, once). So the result
+    is always the inline one's: if a failed fast path does not reach the output, the fallback would not have changed it.
+    """
+    @functools.wraps(fn)
+    def deferred(*args, **kwargs):
+        previous = _fallback_inline()
+        _TRACING.inline = False
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _TRACING.inline = previous
+        leaves = [x for x in jax.tree.leaves(out) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+        return out, finite
+
+    return FastFirst(fast=jax.jit(deferred, **jit_kwargs), exact=jax.jit(fn, **jit_kwargs))
 
 
 def gram_health(gram: jax.Array, *, dtype=None) -> dict:
@@ -280,12 +355,20 @@ def _check(x: jax.Array, grams: jax.Array, name: str, axis: int = -1):
                          f"d_in={x.shape[axis]}")
 
 
-def regmean(weights: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
-    """RegMean: ``(Σ_k W_k G_k)(Σ_k G_k)^+``. weights [K, d_out, d_in], grams [K, d_in(, d_in)] → [d_out, d_in]."""
+def regmean_system(weights: jax.Array, grams: jax.Array, *, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """The normal equations of :func:`regmean`, sums over clients: ``(E, G) = (Σ_k W_k G_k, Σ_k G_k)``.
+
+    weights [K, d_out, d_in], grams [K, d_in(, d_in)] → E [d_out, d_in], G [d_in(, d_in)]; the merge is ``E G^+``.
+    """
     _check(weights, grams, "weights")
     dtype = _compute_dtype(dtype)
     weights, grams = weights.astype(dtype), grams.astype(dtype)
-    return solve_gram(_weighted_sum(weights, grams), client_sum(grams), dtype=dtype)
+    return _weighted_sum(weights, grams), client_sum(grams)
+
+
+def regmean(weights: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """RegMean: ``(Σ_k W_k G_k)(Σ_k G_k)^+``. weights [K, d_out, d_in], grams [K, d_in(, d_in)] → [d_out, d_in]."""
+    return solve_gram(*regmean_system(weights, grams, dtype=dtype), dtype=dtype)
 
 
 def merge_lora_A(a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
@@ -297,13 +380,8 @@ def merge_lora_A(a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
     return regmean(a, grams, dtype=dtype)
 
 
-def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
-    """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``.
-
-    b [K, d_out, r], a [r, d_in] → [d_out, r].
-
-    Only an r×r system is solved; with diagonal Grams ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
-    """
+def lora_b_system(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """The normal equations of :func:`merge_lora_B`: ``(Σ_k B_k A G_k Aᵀ, Σ_k A G_k Aᵀ)``, [d_out, r] and [r, r]."""
     if b.ndim != 3 or a.ndim != 2 or b.shape[2] != a.shape[0]:
         raise ValueError(f"merge_lora_B needs b [K, d_out, r] and a [r, d_in], got {b.shape} and {a.shape}")
     if grams.shape[0] != b.shape[0] or grams.shape[1] != a.shape[1]:
@@ -314,8 +392,26 @@ def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) ->
         projected = jnp.einsum("rd,kd,sd->krs", a, grams, a, precision=HIGHEST)  # A G_k Aᵀ  [K, r, r]
     else:
         projected = jnp.einsum("rd,kde,se->krs", a, grams, a, precision=HIGHEST)
-    e = jnp.einsum("kor,krs->os", b, projected, precision=HIGHEST)
-    return solve_gram(e, client_sum(projected), dtype=dtype)
+    return jnp.einsum("kor,krs->os", b, projected, precision=HIGHEST), client_sum(projected)
+
+
+def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
+    """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``.
+
+    b [K, d_out, r], a [r, d_in] → [d_out, r]. Only an r×r system is solved; with diagonal Grams ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
+    """
+    return solve_gram(*lora_b_system(b, a, grams, dtype=dtype), dtype=dtype)
+
+
+def regmean_lowrank_system(b: jax.Array, a: jax.Array, grams: jax.Array, *,
+                           dtype=None) -> tuple[jax.Array, jax.Array]:
+    """The normal equations of :func:`regmean_lowrank`: ``(Σ_k B_k A_k G_k, Σ_k G_k)``, [d_out, d_in], [d_in(, d_in)]."""
+    if b.ndim != 3 or a.ndim != 3 or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
+        raise ValueError(f"regmean_lowrank needs b [K, d_out, r] and a [K, r, d_in], got {b.shape} and {a.shape}")
+    _check(a, grams, "a")
+    dtype = _compute_dtype(dtype)
+    b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
+    return jnp.einsum("kor,krd->od", b, _weighted_rows(a, grams), precision=HIGHEST), client_sum(grams)
 
 
 def regmean_lowrank(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
@@ -324,13 +420,7 @@ def regmean_lowrank(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None)
     b [K, d_out, r], a [K, r, d_in], grams [K, d_in(, d_in)] → [d_out, d_in]. This is LoRM's cross-task merge (k runs
     over tasks, ``G_k`` summed over the clients of task k) and the ``regmean_lora`` baseline's round merge.
     """
-    if b.ndim != 3 or a.ndim != 3 or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
-        raise ValueError(f"regmean_lowrank needs b [K, d_out, r] and a [K, r, d_in], got {b.shape} and {a.shape}")
-    _check(a, grams, "a")
-    dtype = _compute_dtype(dtype)
-    b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
-    e = jnp.einsum("kor,krd->od", b, _weighted_rows(a, grams), precision=HIGHEST)
-    return solve_gram(e, client_sum(grams), dtype=dtype)
+    return solve_gram(*regmean_lowrank_system(b, a, grams, dtype=dtype), dtype=dtype)
 
 
 def _weighted_rows(a: jax.Array, grams: jax.Array) -> jax.Array:
@@ -388,40 +478,82 @@ def _any_full(grams: dict, client_axis: bool) -> bool:
     return any(g.ndim == 2 + client_axis for g in grams.values())
 
 
+def solve_systems(systems: dict, *, dtype=None) -> dict:
+    """``{path: E_p G_p^+}`` for ``systems = {path: (E_p, G_p)}`` (full or diagonal G).
+
+    Layers whose ``E`` and ``G`` have the same shapes are stacked and solved as one stack (a vmap of
+    :func:`solve_gram`, which the solver folds into one stacked solve): a model compiles one solver per layer shape,
+    not one per layer, and only the summed ``[d, d]`` Grams are stacked, never the clients' ones.
+    """
+    groups = collections.defaultdict(list)
+    for p, (e, g) in systems.items():
+        groups[(e.shape, g.shape)].append(p)
+    out = {}
+    for members in groups.values():
+        if len(members) == 1:
+            out[members[0]] = solve_gram(*systems[members[0]], dtype=dtype)
+            continue
+        e, g = (jnp.stack([systems[p][i] for p in members]) for i in (0, 1))
+        x = jax.vmap(lambda e, g: solve_gram(e, g, dtype=dtype))(e, g)
+        out.update({p: x[i] for i, p in enumerate(members)})
+    return {p: out[p] for p in systems}
+
+
 def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) -> dict:
     """Server merge of every LoRA layer after a round in which ``factor`` ("A" or "B") trained.
 
     client_lora: ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}`` (the frozen factor is identical across clients);
     grams: ``{path: [K, d_in] or [K, d_in, d_in]}``. Returns the unstacked merged LoRA ``{path: {"A": [r, d_in],
     "B": [d_out, r]}}``: the trained factor merged in closed form, the frozen one passed through from client 0.
+    Diagonal Grams: layers of one shape run as one vmapped body; full Grams: each layer's sums over clients, then one
+    stacked solve per layer shape (:func:`solve_systems`).
     """
-    if factor == "A":
-        def fn(f, g):
-            return {"A": merge_lora_A(f["A"], g, dtype=dtype), "B": f["B"][0].astype(jnp.float32)}
-    elif factor == "B":
-        def fn(f, g):
-            return {"A": f["A"][0].astype(jnp.float32), "B": merge_lora_B(f["B"], f["A"][0], g, dtype=dtype)}
-    else:
+    if factor not in ("A", "B"):
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
     missing = set(client_lora) - set(grams)
     if missing:
         raise ValueError(f"no Gram for LoRA layers {sorted(missing)[:5]}")
     grams = {p: grams[p] for p in client_lora}
-    return map_layers(fn, client_lora, grams, sequential=_any_full(grams, client_axis=True))
+    kept = "B" if factor == "A" else "A"
+
+    def system(f, g):
+        if factor == "A":
+            return regmean_system(f["A"], g, dtype=dtype)
+        return lora_b_system(f["B"], f["A"][0], g, dtype=dtype)
+
+    def fn(f, g):
+        return {factor: solve_gram(*system(f, g), dtype=dtype), kept: f[kept][0].astype(jnp.float32)}
+
+    if not _any_full(grams, client_axis=True):
+        return map_layers(fn, client_lora, grams)
+    solved = solve_systems({p: system(f, grams[p]) for p, f in client_lora.items()}, dtype=dtype)
+    return {p: {factor: solved[p], kept: f[kept][0].astype(jnp.float32)} for p, f in client_lora.items()}
 
 
 def regmean_tree(weights: dict, grams: dict, *, dtype=None) -> dict:
     """RegMean of every layer: ``{path: W [K, d_out, d_in]}``, ``{path: G}`` → ``{path: [d_out, d_in]}``."""
     grams = {p: grams[p] for p in weights}
-    return map_layers(lambda w, g: regmean(w, g, dtype=dtype), weights, grams,
-                      sequential=_any_full(grams, client_axis=True))
+    if not _any_full(grams, client_axis=True):
+        return map_layers(lambda w, g: regmean(w, g, dtype=dtype), weights, grams)
+    return solve_systems({p: regmean_system(w, grams[p], dtype=dtype) for p, w in weights.items()}, dtype=dtype)
+
+
+def regmean_lowrank_tree(b: dict, a: dict, grams: dict, *, dtype=None) -> dict:
+    """:func:`regmean_lowrank` of every layer: ``{path: B [K, d_out, r]}``, ``{path: A [K, r, d_in]}``, ``{path: G}``
+    → ``{path: [d_out, d_in]}`` (LoRM's cross-task merge, K = tasks)."""
+    grams = {p: grams[p] for p in b}
+    if not _any_full(grams, client_axis=True):
+        layers = {p: {"b": b[p], "a": a[p]} for p in b}
+        return map_layers(lambda f, g: regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers, grams)
+    return solve_systems({p: regmean_lowrank_system(b[p], a[p], grams[p], dtype=dtype) for p in b}, dtype=dtype)
 
 
 def solve_gram_tree(e: dict, grams: dict, *, dtype=None) -> dict:
     """``{path: E G^+}`` for running sums ``E = Σ_τ ΔW_τ G_τ`` [d_out, d_in] and ``G = Σ_τ G_τ`` (cross-task merge)."""
     grams = {p: grams[p] for p in e}
-    return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams,
-                      sequential=_any_full(grams, client_axis=False))
+    if not _any_full(grams, client_axis=False):
+        return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams)
+    return solve_systems({p: (e[p], grams[p]) for p in e}, dtype=dtype)
 
 
 def fedavg_tree(tree, weights: jax.Array | None = None):
@@ -433,7 +565,7 @@ def fedavg_tree(tree, weights: jax.Array | None = None):
 # Diagnostics: how well a merged low-rank update reproduces the clients' responses.
 
 def merge_residuals(client_b: jax.Array, client_a: jax.Array, b: jax.Array, a: jax.Array, grams: jax.Array, *,
-                    dtype=None) -> jax.Array:
+                    dtype=None, optimum: jax.Array | None = None) -> jax.Array:
     """Relative response-matching residuals ``[ρ(B A), ρ(ΔW*)]`` of one layer, with ``ΔW_k = B_k A_k``::
 
         ρ(W) = Σ_k tr((W − ΔW_k) G_k (W − ΔW_k)ᵀ) / Σ_k tr(ΔW_k G_k ΔW_kᵀ)        (0 when the denominator is 0)
@@ -442,7 +574,8 @@ def merge_residuals(client_b: jax.Array, client_a: jax.Array, b: jax.Array, a: j
     client_b [K, d_out, r], client_a [K, r, d_in], b [d_out, r], a [r, d_in], grams [K, d_in(, d_in)] → [2] float32.
     ``ρ(B A)`` uses the low-rank form ``tr((P_kᵀ P_k)(Q_k G_k Q_kᵀ))`` with ``P_k = [B, −B_k]``, ``Q_k = [A; A_k]``
     (O(K r² d) for diagonal Grams); ``ρ(ΔW*)`` evaluates ``tr(W G Wᵀ) − 2 tr(W Eᵀ) + Σ_k tr(ΔW_k G_k ΔW_kᵀ)`` at the
-    computed ``W = ΔW*`` (``E = Σ_k ΔW_k G_k``), which costs what the RegMean solve costs.
+    computed ``W = ΔW*`` (``E = Σ_k ΔW_k G_k``), which costs what the RegMean solve costs (``optimum``: ``ΔW*``
+    solved already, e.g. with other layers by :func:`solve_systems`).
     """
     dtype = _compute_dtype(dtype)
     client_b, client_a, b, a, grams = (x.astype(dtype) for x in (client_b, client_a, b, a, grams))
@@ -457,9 +590,8 @@ def merge_residuals(client_b: jax.Array, client_a: jax.Array, b: jax.Array, a: j
     r = a.shape[0]
     num = jnp.sum(ptp * qgq)
     den = jnp.sum(ptp[:, r:, r:] * qgq[:, r:, r:])                                   # Σ_k tr(ΔW_k G_k ΔW_kᵀ)
-    e = jnp.einsum("kor,krd->od", client_b, _weighted_rows(client_a, grams), precision=HIGHEST)
-    total = client_sum(grams)
-    w = solve_gram(e, total, dtype=dtype).astype(dtype)
+    e, total = regmean_lowrank_system(client_b, client_a, grams, dtype=dtype)
+    w = (solve_gram(e, total, dtype=dtype) if optimum is None else optimum).astype(dtype)
     wgw = jnp.sum(w * w * total) if total.ndim == 1 else jnp.sum(_mm(w, total) * w)
     num_star = jnp.maximum(wgw - 2 * jnp.sum(w * e) + den, 0)
     safe = jnp.where(den > 0, den, 1)
@@ -475,4 +607,9 @@ def merge_residuals_tree(client_lora: dict, merged_lora: dict, grams: dict, *, d
         return merge_residuals(f["B"], f["A"], m["B"], m["A"], g, dtype=dtype)
     merged = {p: {"A": merged_lora[p]["A"], "B": merged_lora[p]["B"]} for p in client_lora}
     grams = {p: grams[p] for p in client_lora}
-    return map_layers(fn, client_lora, merged, grams, sequential=_any_full(grams, client_axis=True))
+    if not _any_full(grams, client_axis=True):
+        return map_layers(fn, client_lora, merged, grams)
+    optimum = solve_systems({p: regmean_lowrank_system(f["B"], f["A"], grams[p], dtype=dtype)
+                             for p, f in client_lora.items()}, dtype=dtype)
+    return {p: merge_residuals(f["B"], f["A"], merged[p]["B"], merged[p]["A"], grams[p], dtype=dtype,
+                               optimum=optimum[p]) for p, f in client_lora.items()}

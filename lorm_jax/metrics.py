@@ -54,7 +54,8 @@ def gram_utilization(schedule, task: int) -> float:
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
-def _gram_health_tree(stacked_grams: dict, dtype: str) -> dict:
+def gram_health_tree(stacked_grams: dict, dtype: str) -> dict:
+    """:func:`lorm_jax.merging.gram_health` of every summed Gram ``Σ_k G_k`` (``{name: [K, d] or [K, d, d]}``)."""
     return {p: merging.gram_health(merging.client_sum(g), dtype=jnp.dtype(dtype)) for p, g in stacked_grams.items()}
 
 
@@ -62,7 +63,7 @@ def gram_conditioning(stacked_grams: dict, dtype: str = "float32") -> dict:
     """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [K, d] or [K, d, d]}``; see
     :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 = singular), how many
     layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
-    health = jax.device_get(_gram_health_tree(stacked_grams, dtype))
+    health = jax.device_get(gram_health_tree(stacked_grams, dtype))
     pivots = [float(h["min_pivot"]) for h in health.values()]
     return {"gram_min_pivot": float(f"{min(pivots):.6g}"),
             "gram_pinv_layers": int(sum(float(h["pinv"]) for h in health.values())),
@@ -83,7 +84,8 @@ def utilization_summary(schedule, lines: list[dict]) -> dict:
     return out
 
 
-_residuals_tree = jax.jit(merging.merge_residuals_tree, static_argnames="dtype")  # one compilation per run
+# merging.merge_residuals_tree, compiled once per run (the eigh fallback only if a singular Gram needs it)
+residuals_tree = merging.fast_first(merging.merge_residuals_tree, static_argnames="dtype")
 
 
 def merge_diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
@@ -93,7 +95,7 @@ def merge_diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.fl
     layers: ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients
     (``num_samples`` = 0) have zero Grams and drop out."""
     client_lora = common.keep_included(client_lora, num_samples)
-    per_layer = _residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
+    per_layer = residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
     values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
     summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
     return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}

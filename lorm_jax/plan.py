@@ -99,12 +99,23 @@ def split_task(c, labels: np.ndarray, task: int) -> list:
 
 
 def build_setup(config: ml_collections.ConfigDict) -> Setup:
+    """The run's setup: the backbone's weights and the dataset loaded, on the device mesh of ``config.mesh_clients``."""
     config_lib.validate(config)
     config_lib.validate_paths(config)
     c = methods.effective_config(config)  # e.g. centralized: one client holding all data
     backbone = backbones.get(c.backbone.name, **c.backbone.options.to_dict())
-    config_lib.validate_rank(c, backbone.lora_shapes)
+    config_lib.validate_rank(c, backbone.lora_shapes)  # before the data are read
     ds = data_lib.load(c.data.name, **c.data.options.to_dict())
+    return assemble(c, backbone, ds, sharding.make_mesh(c.mesh_clients))
+
+
+def assemble(c: ml_collections.ConfigDict, backbone: backbones.Backbone, ds: data_lib.ArrayDataset, mesh, *,
+             budget_bytes: int | None = None) -> Setup:
+    """The setup of the (effective) config ``c`` from a backbone and a dataset, on ``mesh``: tasks, client partitions,
+    schedule and compiled programs. ``backbone`` / ``ds`` may be shapes only (``ShapeDtypeStruct`` params, zero-stride
+    images) and ``mesh`` a TPU topology's, to compile a run ahead of time (:mod:`lorm_jax.aot`); ``budget_bytes``: the
+    memory per device the plan may use (default: half of what the device has free)."""
+    config_lib.validate_rank(c, backbone.lora_shapes)
     config_lib.validate_tasks(c, ds.num_classes)
     if 0 < c.data.max_classes < ds.num_classes:
         largest = np.argsort(-ds.counts("train"), kind="stable")[:c.data.max_classes]
@@ -127,12 +138,13 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
     for t, idx in enumerate(task_train):
         parts = split_task(c, ds.y_train[idx], t)
         partitions.append([idx[p] for p in parts])
-    mesh = sharding.make_mesh(c.mesh_clients)  # frozen backbone and data replicated, client work sharded
+    # frozen backbone and data replicated, client work sharded
     backbone = dataclasses.replace(backbone, params=sharding.replicate(backbone.params, mesh))
     train, test = sharding.replicate((train, test), mesh)
-    schedule = plan_schedule(c, backbone, mesh, partitions, task_test, int(offsets[-1]), train, test)
+    schedule = plan_schedule(c, backbone, mesh, partitions, task_test, int(offsets[-1]), train, test,
+                             budget_bytes=budget_bytes)
     programs = federated.build_client_programs(
-        backbone, inputs.make_prepare(c, backbone, ds.kind), lr_head=c.lr, weight_decay=c.weight_decay,
+        backbone, inputs.make_prepare(c, backbone, ds), lr_head=c.lr, weight_decay=c.weight_decay,
         backbone_gram="diag" if c.alpha_backbone == 0 else "full", alpha_backbone=c.alpha_backbone,
         head_gram="diag" if c.alpha_head == 0 else "full", alpha_head=c.alpha_head, augment_grams=c.gram_augment,
         gram_stream_batch=c.gram_batch_size or c.batch_size, gram_block=schedule.gram_block, mesh=mesh)
@@ -164,21 +176,22 @@ def tokens_per_example(backbone, max_len: int) -> int:
                               backbone.params, x).shape[1])
 
 
-def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test) -> Schedule:
+def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test, *,
+                  budget_bytes: int | None = None) -> Schedule:
     """Lanes (``config.client_lanes`` or the memory plan's and :func:`memory.choose_lanes`' choice), the packing of
     every task's clients into them, and the packed Gram / evaluation layouts; logged before the run."""
     devices = sharding.mesh_size(mesh)
     gram_bs = c.gram_batch_size or c.batch_size
     backbone_gram = "diag" if c.alpha_backbone == 0 else "full"
     plan = memory.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
-                                 batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
-                                 head_gram="diag" if c.alpha_head == 0 else "full",
-                                 shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
-                                 max_len=c.data.max_len)
+                              batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
+                              head_gram="diag" if c.alpha_head == 0 else "full",
+                              shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
+                              budget_bytes=budget_bytes, max_len=c.data.max_len)
     log.info("%s", plan.table())
     steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
     lanes = memory.choose_lanes(steps, devices=devices, platform=mesh.devices.flat[0].platform,
-                                   max_lanes=plan.max_lanes, requested=c.client_lanes)
+                                max_lanes=plan.max_lanes, requested=c.client_lanes)
     members = [data_lib.pack_lanes(s, lanes) for s in steps]
     num_steps = max(max(int(sum(s[k] for k in lane)) for lane in m) for s, m in zip(steps, members))
     num_slots = 1 + max(len(lane) for m in members for lane in m)

@@ -11,6 +11,10 @@ Shapes::
     sharded leaf      [N·m, ...] NamedSharding(mesh, P("clients"))   leading axis a multiple of the mesh size N
     shared leaf       [...]      NamedSharding(mesh, P())            replicated on every device
 
+Abstract placement: leaves that are ``jax.ShapeDtypeStruct`` s (or host arrays bound for a mesh of devices that are
+not here, as when compiling for a TPU topology on a CPU, :mod:`lorm_jax.aot`) become ``ShapeDtypeStruct`` s carrying
+the sharding, so the same code lays out real arrays and the arguments of an ahead-of-time compilation.
+
 Multi-host: the mesh spans ``jax.devices()`` (all processes, see :mod:`lorm_jax.distributed`). Host arrays become
 global arrays through :func:`jax.make_array_from_callback`, so each process transfers only the shards of the
 devices it owns; :func:`gather` brings a global array back to every host (an all-gather across processes when the
@@ -60,6 +64,9 @@ def _on(x, sharding: NamedSharding) -> bool:
 
 
 def _put(x, sharding: NamedSharding):
+    if isinstance(x, jax.ShapeDtypeStruct) or not _here(sharding):
+        # shapes only (compiling for devices that are not here, lorm_jax.aot): the placement, no data
+        return jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=sharding)
     if _on(x, sharding):
         # The same placement, but jit keys its cache on the sharding object too: a single-device array would compile
         # the program a second time next to its NamedSharding twin. Re-labelling it copies nothing.
@@ -68,6 +75,11 @@ def _put(x, sharding: NamedSharding):
         return jax.jit(lambda y: y, out_shardings=sharding)(x)  # a global array on another layout: reshard on device
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _here(sharding: NamedSharding) -> bool:
+    """Whether the mesh's devices are devices of this run (not a topology compiled for, :mod:`lorm_jax.aot`)."""
+    return sharding.mesh.devices.flat[0] in jax.devices()
 
 
 def put_clients(tree, mesh: Mesh):

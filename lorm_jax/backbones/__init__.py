@@ -25,6 +25,11 @@ Grams in float64; needs ``jax_enable_x64``; the frozen weights stay float32 valu
 """
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+
+from lorm_jax.backbones import bert, vit
 from lorm_jax.backbones.bert import minilm_l6, tiny_bert
 from lorm_jax.backbones.common import Backbone, MissingAssetError
 from lorm_jax.backbones.vit import dinov2_s14, tiny_vit, vit_b16_augreg_in21k
@@ -38,7 +43,7 @@ _REGISTRY = {
 }
 NAMES = tuple(_REGISTRY)
 
-__all__ = ["Backbone", "MissingAssetError", "NAMES", "get"]
+__all__ = ["Backbone", "MissingAssetError", "NAMES", "abstract", "get"]
 
 
 def get(name: str, **options) -> Backbone:
@@ -46,3 +51,16 @@ def get(name: str, **options) -> Backbone:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(NAMES)}")
     return _REGISTRY[name](**options)
+
+
+def abstract(name: str, **options) -> Backbone:
+    """The backbone ``name`` with ``jax.ShapeDtypeStruct`` params: its shapes, read from no weight file (for compiling
+    a run's programs ahead of time, :mod:`lorm_jax.aot`). Random test backbones are built for real and abstracted."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(NAMES)}")
+    if name in vit.ARCHITECTURES:
+        return vit.abstract(name, **options)
+    if name in bert.ARCHITECTURES:
+        return bert.abstract(name, **options)
+    real = _REGISTRY[name](**options)
+    return dataclasses.replace(real, params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), real.params))

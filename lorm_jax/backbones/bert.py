@@ -26,6 +26,7 @@ import zlib
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,7 +66,8 @@ class Block(nn.Module):
     def __call__(self, x, mask, spec: GramSpec | None = None):
         y = SelfAttention(self.heads, self.qkv, self.dtype, name="attn")(x, mask, spec)
         x = layer_norm(self.ln_eps, "norm1")(x + y)
-        return layer_norm(self.ln_eps, "norm2")(x + Mlp(self.mlp_dim, self.dtype, name="mlp")(x, spec))
+        x = layer_norm(self.ln_eps, "norm2")(x + Mlp(self.mlp_dim, self.dtype, name="mlp")(x, spec))
+        return x, None  # (carry, nothing stacked): the body of the scan over blocks
 
 
 class Bert(nn.Module):
@@ -93,8 +95,8 @@ class Bert(nn.Module):
         if gram is not None:
             spec = GramSpec(gram, mask if weights is None else mask * jnp.asarray(weights, jnp.float32)[:, None],
                             segments)
-        for i in range(self.depth):
-            x = Block(self.heads, self.mlp_dim, self.ln_eps, self.qkv, self.dtype, name=f"block_{i:02d}")(x, mask, spec)
+        blocks = common.scan_blocks(Block, self.depth, broadcast_args=2)
+        x, _ = blocks(self.heads, self.mlp_dim, self.ln_eps, self.qkv, self.dtype, name=common.BLOCKS)(x, mask, spec)
         if all_tokens:
             return x
         # masked sum as a dot (not a reduce) for the same reason as in common.LayerNorm
@@ -140,9 +142,29 @@ def from_hf(sd: dict[str, np.ndarray], *, name, heads, ln_eps=1e-12, qkv="separa
     if qkv == "fused":
         params = common.fuse_qkv(params)
     example = {"input_ids": jnp.zeros((1, 2), jnp.int32), "attention_mask": jnp.ones((1, 2), jnp.int32)}
-    params = common.finalize_params(module, params, example)
+    params = common.finalize_params(module, common.stack_blocks(params), example)
     return common.Backbone(name=name, kind="text", params=params, lora_shapes=common.lora_shapes_of(params),
                            feature_dim=width, source=source, tokenize=tokenize, module=module)
+
+
+# ---- shapes only ----------------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {"minilm_l6": dict(vocab=30522, max_len=512, width=384, depth=6, heads=12, mlp=1536)}
+
+
+def abstract(name, *, qkv="separate", compute_dtype="float32", vocab=None, max_len=None, width=None, depth=None,
+             heads=None, mlp=None, **_):
+    """A :class:`~lorm_jax.backbones.common.Backbone` whose ``params`` are ``jax.ShapeDtypeStruct`` s (no weights
+    read, no tokenizer): ``name``'s architecture (a key of :data:`ARCHITECTURES`) or the given one."""
+    arch = {"vocab": vocab, "max_len": max_len, "width": width, "depth": depth, "heads": heads, "mlp": mlp,
+            **ARCHITECTURES.get(name, {})}
+    module = Bert(vocab=arch["vocab"], max_len=arch["max_len"], width=arch["width"], depth=arch["depth"],
+                  heads=arch["heads"], mlp_dim=arch["mlp"], qkv=qkv, dtype=common.check_options(qkv, compute_dtype))
+    example = {"input_ids": jax.ShapeDtypeStruct((1, 2), jnp.int32),
+               "attention_mask": jax.ShapeDtypeStruct((1, 2), jnp.int32)}
+    params = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), example)["params"]
+    return common.Backbone(name=name, kind="text", params=params, lora_shapes=common.lora_shapes_of(params),
+                           feature_dim=arch["width"], source="shapes only (no weights)", module=module)
 
 
 # ---- all-MiniLM-L6-v2 ---------------------------------------------------------------------------------------------

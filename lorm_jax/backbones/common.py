@@ -20,9 +20,13 @@ Conventions (paper layout, see ``lorm_jax/lora.py``):
   ``G_k = Σ_{n in blocks of client k} w_n x_n x_nᵀ``, i.e. ``[K, d_in, d_in]`` (or ``[K, d_in]``), computed as one
   Gram per block (a batched dot) and a segment sum over blocks, so it costs what the unsegmented Gram costs.
 
-LoRA factors enter a model as the Flax variable collection ``"lora"`` (same nesting as the ``"params"`` of the dense
-layer they modify) and Grams leave it through the ``"grams"`` collection, so a LoRA path ``"block_03/mlp/fc1"`` is
-literally the Flax module path of that layer.
+**Blocks are scanned.** A model's transformer blocks run as one ``nn.scan`` over block-stacked weights (big_vision's
+``scan`` option): the block is traced and compiled once, not ``depth`` times, which is what compile time on TPU
+(and CPU) is made of. So the frozen ``params`` hold every block's weights stacked under ``"blocks"``
+(``params["blocks"]["mlp"]["fc1"]["kernel"]``: ``[depth, d_in, d_out]``), and the engine-facing layout stays per
+layer: a LoRA path ``"block_03/mlp/fc1"`` names layer ``mlp/fc1`` of block 3. :meth:`Backbone.apply` stacks the
+per-layer LoRA factors into the scanned ``"lora"`` collection (``[depth, ...]`` per layer kind) and unstacks the
+``"grams"`` the layers sow, and :func:`add_delta` adds ``ΔW`` to the right slice.
 """
 from __future__ import annotations
 
@@ -95,13 +99,13 @@ class Backbone:
         variables = {"params": params}
         if lora is not None:
             check_lora(lora, self.lora_shapes)
-            variables["lora"] = traverse_util.unflatten_dict({tuple(p.split("/")): f for p, f in lora.items()})
+            variables["lora"] = stack_layers(lora, self.lora_shapes)
         if gram is None:
             return self.module.apply(variables, inputs, gram=None, weights=weights), {}
         features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, segments=segments,
                                             mutable=["grams"])
-        grams = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"]).items()}
-        return features, dict(sorted(grams.items()))
+        stacked = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"][BLOCKS]).items()}
+        return features, {p: stacked[layer][i] for p, (layer, i) in _block_layers(self.lora_shapes).items()}
 
     def add_delta(self, params, deltas: Mapping[str, jax.Array]):
         """``params`` with ``W ← W + ΔW`` on each layer of ``deltas = {path: ΔW [d_out, d_in]}`` (any subset)."""
@@ -134,26 +138,71 @@ def check_lora(lora, lora_shapes):
                              f"{(d_out, d_in)}; expected A [r, {d_in}], B [{d_out}, r]")
 
 
+BLOCKS = "blocks"  # the scanned blocks' name in params, and in the "lora" / "grams" collections
+
+
+def block_path(block: int, layer: str) -> str:
+    """The LoRA path of ``layer`` (e.g. ``"mlp/fc1"``) in block ``block``: ``"block_03/mlp/fc1"``."""
+    return f"block_{block:02d}/{layer}"
+
+
+def _block_layers(lora_shapes) -> dict[str, tuple[str, int]]:
+    """``{path: (layer, block)}``: ``"block_03/mlp/fc1"`` -> ``("mlp/fc1", 3)``."""
+    out = {}
+    for path in lora_shapes:
+        block, layer = path.split("/", 1)
+        out[path] = (layer, int(block[len("block_"):]))
+    return out
+
+
+def stack_layers(tree: Mapping[str, Any], lora_shapes) -> dict:
+    """Per-layer values ``{path: x}`` (e.g. LoRA factors) as the scanned blocks' collection: ``{"blocks": {layer
+    nesting: stack over blocks}}``, each leaf ``[depth, ...]`` in block order."""
+    by_layer: dict[str, list] = {}
+    for path, (layer, block) in sorted(_block_layers(lora_shapes).items(), key=lambda kv: kv[1][1]):
+        by_layer.setdefault(layer, []).append(tree[path])
+    stacked = {layer: jax.tree.map(lambda *xs: jnp.stack(xs), *values) for layer, values in by_layer.items()}
+    return {BLOCKS: traverse_util.unflatten_dict({tuple(layer.split("/")): v for layer, v in stacked.items()})}
+
+
+def stack_blocks(params: dict) -> dict:
+    """Per-block params ``{"block_00": …, "block_01": …, …}`` (what the weight converters build) -> the scanned
+    layout ``{"blocks": …}`` with every leaf stacked over blocks in order; other entries unchanged."""
+    names = sorted(k for k in params if k.startswith("block_"))
+    out = {k: v for k, v in params.items() if not k.startswith("block_")}
+    out[BLOCKS] = jax.tree.map(lambda *xs: np.stack(xs), *[params[k] for k in names])
+    return out
+
+
 def add_delta(params, deltas, lora_shapes):
-    """``kernel ← kernel + ΔWᵀ`` for each ``path -> ΔW [..., d_out, d_in]`` in ``deltas`` (leading axes broadcast)."""
+    """``kernel ← kernel + ΔWᵀ`` for each ``path -> ΔW [d_out, d_in]`` in ``deltas`` (any subset of the layers), in
+    the block-stacked kernels: one scatter-add per layer kind."""
     unknown = sorted(set(deltas) - set(lora_shapes))
     if unknown:
         raise ValueError(f"add_delta: unknown layer paths {unknown}; valid paths are the keys of lora_shapes")
-    flat = traverse_util.flatten_dict(params)
+    where = _block_layers(lora_shapes)
+    by_layer: dict[str, list] = {}
     for path, dw in deltas.items():
-        if tuple(dw.shape[-2:]) != tuple(lora_shapes[path]):
-            raise ValueError(f"add_delta: ΔW for {path!r} has shape {dw.shape}, expected [..., d_out, d_in] = "
+        if tuple(dw.shape) != tuple(lora_shapes[path]):
+            raise ValueError(f"add_delta: ΔW for {path!r} has shape {dw.shape}, expected [d_out, d_in] = "
                              f"{lora_shapes[path]}")
-        key = (*path.split("/"), "kernel")
-        flat[key] = flat[key] + jnp.swapaxes(dw, -1, -2).astype(flat[key].dtype)
+        layer, block = where[path]
+        by_layer.setdefault(layer, []).append((block, dw))
+    flat = traverse_util.flatten_dict(params)
+    for layer, items in by_layer.items():
+        key = (BLOCKS, *layer.split("/"), "kernel")
+        blocks = jnp.asarray([b for b, _ in items])
+        update = jnp.stack([jnp.swapaxes(dw, -1, -2) for _, dw in items]).astype(flat[key].dtype)
+        flat[key] = flat[key].at[blocks].add(update)
     return traverse_util.unflatten_dict(flat)
 
 
 def lora_shapes_of(params) -> dict[str, tuple[int, int]]:
-    """``{path: (d_out, d_in)}`` of every dense kernel inside a transformer block (``block_*``), sorted by path."""
-    flat = traverse_util.flatten_dict(params)
-    shapes = {"/".join(k[:-1]): (int(v.shape[1]), int(v.shape[0])) for k, v in flat.items()
-              if k[0].startswith("block_") and k[-1] == "kernel" and v.ndim == 2}
+    """``{path: (d_out, d_in)}`` of every dense kernel of the scanned blocks (``[depth, d_in, d_out]``), one path per
+    block and layer, sorted by path (= depth order)."""
+    flat = traverse_util.flatten_dict(params[BLOCKS])
+    shapes = {block_path(i, "/".join(k[:-1])): (int(v.shape[2]), int(v.shape[1])) for k, v in flat.items()
+              if k[-1] == "kernel" and v.ndim == 3 for i in range(v.shape[0])}
     return dict(sorted(shapes.items()))
 
 
@@ -291,6 +340,14 @@ class LayerNorm(nn.Module):
 
 def layer_norm(eps, name):
     return LayerNorm(epsilon=eps, name=name)
+
+
+def scan_blocks(block: type[nn.Module], depth: int, broadcast_args: int):
+    """``block`` (a module whose ``__call__(x, *args)`` returns ``(x, None)``) as one ``nn.scan`` over ``depth``
+    blocks: params, LoRA factors and sown Grams stacked on a leading block axis; the ``broadcast_args`` arguments after
+    ``x`` (mask, Gram spec) are the same for every block."""
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "grams": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * broadcast_args, length=depth)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

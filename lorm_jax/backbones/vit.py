@@ -14,7 +14,8 @@ Forward, for images ``x: [B, H, W, 3]`` (NHWC, normalised by the caller), patch 
     features = LN(z)[:, 0]                                       [B, d]
 
 LoRA layers per block (paths): ``block_{i:02d}/attn/qkv`` (or ``.../attn/q``, ``/k``, ``/v`` with ``qkv="separate"``),
-``block_{i:02d}/attn/out``, ``block_{i:02d}/mlp/fc1``, ``block_{i:02d}/mlp/fc2``.
+``block_{i:02d}/attn/out``, ``block_{i:02d}/mlp/fc1``, ``block_{i:02d}/mlp/fc2``. The blocks run as one scan over
+block-stacked weights (``params["blocks"]``, see :mod:`lorm_jax.backbones.common`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,7 +75,7 @@ class Block(nn.Module):
         y = Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.ln_eps, "norm2")(x), spec)
         if self.layer_scale:
             y = y * self.param("ls2", nn.initializers.ones, (d,))
-        return x + y
+        return x + y, None  # (carry, nothing stacked): the body of the scan over blocks
 
 
 class ViT(nn.Module):
@@ -99,9 +101,9 @@ class ViT(nn.Module):
         if gram is not None:
             row_w = None if weights is None else jnp.asarray(weights, jnp.float32)[:, None]
             spec = GramSpec(gram, None if row_w is None else jnp.broadcast_to(row_w, (b, 1 + n)), segments)
-        for i in range(self.depth):
-            x = Block(self.heads, self.mlp_dim, self.layer_scale, self.ln_eps, self.qkv, self.dtype,
-                      name=f"block_{i:02d}")(x, spec)
+        blocks = common.scan_blocks(Block, self.depth, broadcast_args=1)
+        x, _ = blocks(self.heads, self.mlp_dim, self.layer_scale, self.ln_eps, self.qkv, self.dtype,
+                      name=common.BLOCKS)(x, spec)
         x = layer_norm(self.ln_eps, "encoder_norm")(x)
         return x if all_tokens else x[:, 0]
 
@@ -170,10 +172,38 @@ def build(name, params, *, patch, heads, layer_scale, ln_eps, image_size, qkv, c
                  ln_eps=ln_eps, qkv=qkv, dtype=dtype)
     if qkv == "fused":
         params = common.fuse_qkv(params)
-    params = common.finalize_params(module, params, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+    params = common.finalize_params(module, common.stack_blocks(params),
+                                    jnp.zeros((1, image_size, image_size, 3), jnp.float32))
     return common.Backbone(name=name, kind="image", params=params, lora_shapes=common.lora_shapes_of(params),
                            feature_dim=width, source=source, image_size=image_size, mean=tuple(mean), std=tuple(std),
                            module=module)
+
+
+# ---- shapes only ----------------------------------------------------------------------------------------------------
+
+# The architectures of the pretrained ViTs, for backbones without weights (compiling for a device ahead of time).
+ARCHITECTURES = {
+    "vit_b16_augreg_in21k": dict(patch=16, width=768, depth=12, heads=12, mlp=3072, layer_scale=False, mean=HALF,
+                                 std=HALF),
+    "dinov2_s14": dict(patch=14, width=384, depth=12, heads=6, mlp=1536, layer_scale=True, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD),
+}
+
+
+def abstract(name, *, image_size=224, qkv="fused", compute_dtype="float32", patch=None, width=None, depth=None,
+             heads=None, mlp=None, layer_scale=False, mean=HALF, std=HALF, **_):
+    """A :class:`~lorm_jax.backbones.common.Backbone` whose ``params`` are ``jax.ShapeDtypeStruct`` s: the shapes of
+    ``name`` (a key of :data:`ARCHITECTURES`, or the given architecture) without reading any weights."""
+    arch = {"patch": patch, "width": width, "depth": depth, "heads": heads, "mlp": mlp, "layer_scale": layer_scale,
+            "mean": mean, "std": std, **ARCHITECTURES.get(name, {})}
+    dtype = common.check_options(qkv, compute_dtype)
+    module = ViT(patch=arch["patch"], width=arch["width"], depth=arch["depth"], heads=arch["heads"],
+                 mlp_dim=arch["mlp"], layer_scale=arch["layer_scale"], ln_eps=1e-6, qkv=qkv, dtype=dtype)
+    example = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), example)["params"]
+    return common.Backbone(name=name, kind="image", params=params, lora_shapes=common.lora_shapes_of(params),
+                           feature_dim=arch["width"], source="shapes only (no weights)", image_size=image_size,
+                           mean=tuple(arch["mean"]), std=tuple(arch["std"]), module=module)
 
 
 # ---- big_vision / vision_transformer .npz -------------------------------------------------------------------------

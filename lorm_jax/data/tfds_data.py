@@ -83,15 +83,16 @@ class _Spec:
     num_classes: int             # classes of the benchmark (after mapping sparse ImageNet-1k ids)
     sparse_labels: bool = False  # labels are a subset of a larger label space (ImageNet-R/A): map to 0..C-1
     host_resize: str = "squash"  # squash: Resize((S, S), bicubic) | short_side_crop: Resize(S) + CenterCrop(S)
+    examples: tuple[int, ...] = ()  # examples in each of ``splits`` (TFDS's published split sizes)
 
 
 _SPECS = {
-    "cifar100": _Spec(("train", "test"), "id", 100),
-    "imagenet_r": _Spec(("test",), "file_name", 200, sparse_labels=True),
-    "imagenet_a": _Spec(("test",), "file_name", 200, sparse_labels=True),
-    "caltech_birds2011": _Spec(("train", "test"), "image/filename", 200),
-    "cars196": _Spec(("train", "test"), "id", 196, host_resize="short_side_crop"),
-    "eurosat/rgb": _Spec(("train",), "filename", 10),
+    "cifar100": _Spec(("train", "test"), "id", 100, examples=(50_000, 10_000)),
+    "imagenet_r": _Spec(("test",), "file_name", 200, sparse_labels=True, examples=(30_000,)),
+    "imagenet_a": _Spec(("test",), "file_name", 200, sparse_labels=True, examples=(7_500,)),
+    "caltech_birds2011": _Spec(("train", "test"), "image/filename", 200, examples=(5_994, 5_794)),
+    "cars196": _Spec(("train", "test"), "id", 196, host_resize="short_side_crop", examples=(8_144, 8_041)),
+    "eurosat/rgb": _Spec(("train",), "filename", 10, examples=(27_000,)),
 }
 NAMES = tuple(PREFIX + n for n in _SPECS)
 
@@ -399,6 +400,27 @@ def load_tfds(tfds_name: str, *, data_dir: str | None = None, image_size: int = 
     return ArrayDataset(name=name, kind="image", x_train=np.ascontiguousarray(x_tr), y_train=y_tr.astype(np.int32),
                         x_test=np.ascontiguousarray(x_te), y_test=y_te.astype(np.int32),
                         class_names=tuple(class_names))
+
+
+def abstract_tfds(tfds_name: str, *, image_size: int = 224, split_seed: int = 0, test_fraction: float = 0.2,
+                  **_) -> ArrayDataset:
+    """A paper dataset's shapes without its data (for compiling a run ahead of time, :mod:`lorm_jax.aot`): TFDS's
+    split sizes, our train/test split of single-split datasets, and labels spread as evenly over the classes as the
+    sizes allow (exact for CIFAR-100; the real class counts of the other datasets are uneven). Images are a zero-stride
+    ``uint8 [N, S, S, 3]`` view of one zero: no memory."""
+    if tfds_name not in _SPECS:
+        raise ValueError(f"unknown TFDS paper dataset {tfds_name!r}; valid: {', '.join(_SPECS)}")
+    spec = _SPECS[tfds_name]
+    labels = [np.arange(n, dtype=np.int32) % spec.num_classes for n in spec.examples]
+    if len(labels) == 2:
+        y_tr, y_te = labels
+    else:
+        tr_idx, te_idx = canonical_split(labels[0], test_fraction, split_seed)
+        y_tr, y_te = labels[0][tr_idx], labels[0][te_idx]
+    images = lambda n: np.broadcast_to(np.zeros((), np.uint8), (n, image_size, image_size, 3))
+    return ArrayDataset(name=PREFIX + tfds_name, kind="image", x_train=images(len(y_tr)), y_train=np.sort(y_tr),
+                        x_test=images(len(y_te)), y_test=np.sort(y_te),
+                        class_names=tuple(str(i) for i in range(spec.num_classes)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

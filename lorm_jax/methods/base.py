@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Protocol, runtime_checkable
 
-import jax
+from lorm_jax import merging
 
 
 @runtime_checkable
@@ -107,7 +107,8 @@ class Merges:
 
 
 def compile_merges(method: Method) -> Merges:
-    """:class:`Merges` of ``method`` under ``jax.jit``. Eager merges dispatch hundreds of small ops per round and
-    re-compile every ``lax.cond`` (the Cholesky / pseudo-inverse switch) on each call, which on a GPU costs seconds of
-    compilation per round."""
-    return Merges(round=jax.jit(method.merge_round, static_argnames=("factor",)), tasks=jax.jit(method.merge_tasks))
+    """:class:`Merges` of ``method``, jitted (eager merges dispatch hundreds of small ops per round) with the eigh
+    pseudo-inverse kept out of the programs that run every round (:func:`lorm_jax.merging.fast_first`: compiled only
+    when a numerically singular Gram needs it)."""
+    return Merges(round=merging.fast_first(method.merge_round, static_argnames=("factor",)),
+                  tasks=merging.fast_first(method.merge_tasks))

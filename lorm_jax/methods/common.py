@@ -92,11 +92,8 @@ def regmean_task_deltas(past_b, past_a, task_grams, num_tasks, dtype=jnp.float32
         return {p: jnp.matmul(past_b[p][0], past_a[p][0], precision=jax.lax.Precision.HIGHEST) for p in past_b}
 
     def merged():
-        layers = {p: {"b": _finished_only(past_b[p], num_tasks), "a": _finished_only(past_a[p], num_tasks)}
-                  for p in past_b}
-        grams = {p: _finished_only(task_grams[p], num_tasks) for p in past_b}
-        return merging.map_layers(lambda f, g: merging.regmean_lowrank(f["b"], f["a"], g, dtype=dtype), layers,
-                                  grams, sequential=any(g.ndim == 3 for g in grams.values()))
+        finished = lambda tree: {p: _finished_only(x, num_tasks) for p, x in tree.items()}
+        return merging.regmean_lowrank_tree(finished(past_b), finished(past_a), finished(task_grams), dtype=dtype)
 
     return jax.lax.cond(jnp.asarray(num_tasks) == 1, first, merged)
 
