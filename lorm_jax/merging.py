@@ -398,14 +398,15 @@ def lora_b_system(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -
 def merge_lora_B(b: jax.Array, a: jax.Array, grams: jax.Array, *, dtype=None) -> jax.Array:
     """LoRM merge of B with A shared: ``(Σ_k B_k A G_k) Aᵀ (A (Σ_k G_k) Aᵀ)^+``.
 
-    b [K, d_out, r], a [r, d_in] → [d_out, r]. Only an r×r system is solved; with diagonal Grams ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
+    b [K, d_out, r], a [r, d_in] → [d_out, r]. Only an r×r system is solved; with diagonal Grams
+    ``A G_k Aᵀ = (A ⊙ g_k) Aᵀ`` costs O(r² d).
     """
     return solve_gram(*lora_b_system(b, a, grams, dtype=dtype), dtype=dtype)
 
 
 def regmean_lowrank_system(b: jax.Array, a: jax.Array, grams: jax.Array, *,
                            dtype=None) -> tuple[jax.Array, jax.Array]:
-    """The normal equations of :func:`regmean_lowrank`: ``(Σ_k B_k A_k G_k, Σ_k G_k)``, [d_out, d_in], [d_in(, d_in)]."""
+    """The normal equations of :func:`regmean_lowrank`: ``(Σ_k B_k A_k G_k, Σ_k G_k)``, [d_out, d_in] and [d]."""
     if b.ndim != 3 or a.ndim != 3 or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
         raise ValueError(f"regmean_lowrank needs b [K, d_out, r] and a [K, r, d_in], got {b.shape} and {a.shape}")
     _check(a, grams, "a")
