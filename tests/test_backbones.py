@@ -2,6 +2,7 @@
 
 The pretrained-weight goldens (DINOv2 vs onnxruntime, MiniLM cosine) are in ``test_backbone_pretrained.py``.
 """
+import functools
 import importlib.machinery
 import importlib.util
 import math
@@ -322,7 +323,8 @@ def test_add_delta_equivalence(tiny):
     # a subset of layers, and the add_delta is jittable and does not touch the input params
     path = sorted(tiny.lora_shapes)[-1]
     sub = jax.jit(tiny.add_delta)(tiny.params, {path: L.delta(lo)[path]})
-    kernel = lambda p: p[path.split("/")[0]][path.split("/")[1]][path.split("/")[2]]["kernel"]  # noqa: E731
+    block, layer = path.split("/", 1)  # the blocks are scanned: kernels stacked [depth, d_in, d_out] under "blocks"
+    kernel = lambda p: functools.reduce(dict.get, ["blocks", *layer.split("/"), "kernel"], p)[int(block[6:])]  # noqa
     # (W + Δ) − W recovers Δ up to the rounding of the sum: |error| ≤ u |W + Δ| ≤ 2u (|W| + |Δ|)
     w, dw = np.asarray(kernel(tiny.params), np.float64), np.asarray(L.delta(lo)[path].T, np.float64)
     assert_within(kernel(sub) - kernel(tiny.params), dw, 2 * U32 * (np.abs(w) + np.abs(dw)))
@@ -389,8 +391,8 @@ def test_augreg_loader_matches_numpy(bv_ckpt):
     assert bb.kind == "image" and bb.mean == bb.std == (0.5, 0.5, 0.5) and bb.feature_dim == 32
     assert bb.params["pos_embedding"].shape == (1, 17, 32)
     assert bb.params["embedding"]["kernel"].shape == (4, 4, 3, 32)
-    assert bb.params["block_01"]["attn"]["qkv"]["kernel"].shape == (32, 96)
-    assert "ls1" not in bb.params["block_00"]
+    assert bb.params["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 96)  # [depth, d_in, 3 d]
+    assert "ls1" not in bb.params["blocks"]
     x = images(3, seed=11)
     w = jnp.asarray([1.0, 0.0, 2.0])  # example 1 is padding; example 2 counts twice
     feats_ref, acts = numpy_vit(ck, np.asarray(x))

@@ -106,7 +106,7 @@ def _as64(tree):
 def reference_training(setup, lora, head, own_idx, own_mask, keys, factor, lr, class_mask):
     """Each client alone, one jitted AdamW step at a time (an independent re-statement of local training)."""
     bb, c = setup.backbone, setup.config
-    prepare = inputs.make_prepare(c, bb, setup.dataset.kind)
+    prepare = inputs.make_prepare(c, bb, setup.dataset)
     tx = objective.make_optimizer(lr, c.lr, c.weight_decay)
     trains = lora_lib.factor_mask(lora, float("A" in factor), float("B" in factor))
 
@@ -198,7 +198,7 @@ def test_loop_buffers_change_nothing(setup64):
 def reference_grams(setup, params, client_lora, keys, scale):
     """Each client's Grams from its own examples alone: the unsegmented backbone Grams of every stream batch."""
     c, bb = setup.config, setup.backbone
-    prepare = inputs.make_prepare(c, bb, setup.dataset.kind)
+    prepare = inputs.make_prepare(c, bb, setup.dataset)
     stream = c.gram_batch_size or c.batch_size
     b_mode = "diag" if c.alpha_backbone == 0 else "full"
     h_mode = "diag" if c.alpha_head == 0 else "full"
