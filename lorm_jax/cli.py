@@ -187,6 +187,15 @@ def bench_accelerator_main(argv: list[str]):
     return _module_verb("bench-accelerator", accelerator.main, argv)
 
 
+def aot_main(argv: list[str]):
+    import jax
+    if not os.environ.get("JAX_PLATFORMS"):  # the compilers need no local accelerator: never initialise one here
+        jax.config.update("jax_platforms", "cpu")
+    from lorm_jax import aot
+    configure_logging()
+    return _module_verb("aot", aot.main, argv)
+
+
 VERBS: dict[str, Verb] = {
     "run": Verb("train and evaluate one experiment (the same command again resumes it)",
                 "--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...] [--noprogress] "
@@ -215,6 +224,11 @@ VERBS: dict[str, Verb] = {
                               "loop (lorm_jax.bench.accelerator)",
                               "[flags: lorm-jax bench-accelerator --help]", "lorm-jax bench-accelerator",
                               bench_accelerator_main),
+    "aot": Verb("compile every program of a run for a TPU slice (or this CPU) without one: compile time, memory per "
+                "chip, FLOPs, roofline time and MFU per program (lorm_jax.aot)",
+                "--config FILE[:ARG] --topology v5e:4x4|v4:2x2x2|v5p:2x2x1|v6e:4x4|cpu [--dtype bfloat16] [--json OUT] "
+                "[--config.KEY=VALUE ...]",
+                "lorm-jax aot --config configs/paper/cifar100.py:0.5 --topology v5e:4x4", aot_main),
 }
 
 

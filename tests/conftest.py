@@ -35,6 +35,11 @@ _CREATED = []
 
 
 def pytest_configure(config):
+    # CPU only, also where the TPU runtime of the [tpu] extra is installed (it would try to find a TPU at start-up);
+    # the TPU compile tests (test_aot.py) need no TPU backend. Subprocesses inherit it.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     path = tempfile.mkdtemp(prefix="lorm_jax_tests_xla_cache_")
