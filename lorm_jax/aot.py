@@ -249,7 +249,7 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
                                         state["head"], lanes[t][r], keys, factor[t, r], 0.0, rounds.task_rows(setup, t))
                    for t, r in np.ndindex(T, min(R, 2))]
     out = add("train", setup.programs.train, train_calls, [int(x[0]["num_steps"]) for x in lanes])
-    clients = add("by_client", setup.programs.by_client, [((out, lanes[0][0]["lane_of"], lanes[0][0]["slot_of"]), {})],
+    clients = add("by_client", setup.programs.by_client, [((out, lanes[0][0]["lane_of"], lanes[0][0]["row_of"]), {})],
                   [1] * T)
     packed = setup.schedule.gram_packed
     gram_calls = [federated.grams_call(setup.programs, setup.backbone.params, setup.train, clients["lora"], p, keys,

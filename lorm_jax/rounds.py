@@ -63,11 +63,12 @@ def lane_layout(setup: Setup, task: int, rnd: int, members: list | None = None) 
                for k, part in enumerate(setup.partitions[task])]  # per client: (idx, mask), each [1, S, batch]
     steps = schedule.steps[task]
     members = schedule.members[task] if members is None else members
-    num_slots = max(schedule.num_slots, max(len(m) for m in members) + 1)
-    num_steps = max(schedule.num_steps, max(int(sum(steps[k] for k in m)) for m in members))
+    num_rows = max(schedule.num_rows, max(len(m) for m in members) + 1)
+    sizes = [data_lib.step_sizes(len(part), c.batch_size, c.epochs) for part in setup.partitions[task]]
+    num_steps = max(schedule.num_steps, data_lib.lane_steps(sizes, members, c.batch_size, schedule.num_slots))
     return data_lib.lane_schedule([idx[0, :n] for (idx, _), n in zip(batches, steps)],
                                   [mask[0, :n] for (_, mask), n in zip(batches, steps)], members, num_steps,
-                                  num_slots)
+                                  schedule.num_slots, num_rows)
 
 
 def initial_state(setup: Setup) -> dict:
@@ -129,9 +130,10 @@ def client_training(setup: Setup, lora, head, task: int, rnd: int, members: list
     keys = rng.client_keys(c.seed, task, rnd, np.arange(c.num_clients), rng.TRAIN_STREAM)
     out = federated.train_clients(setup.programs, setup.backbone.params, setup.train, lora, head, lanes, keys,
                                   factor, lr_factor, task_rows(setup, task))
-    used = lanes["mask"].any(-1)
-    utilization = {"train_utilization": round(lanes["real_steps"] / (len(lanes["idx"]) * lanes["num_steps"]), 5),
-                   "batch_fill": round(float(lanes["mask"].sum()) / max(int(used.sum()) * c.batch_size, 1), 5)}
+    used = lanes["mask"].any(-1)  # lane steps that ran some real example
+    slots = len(lanes["idx"]) * lanes["num_steps"] * c.batch_size  # example slots the lanes' loops ran
+    utilization = {"train_utilization": round(lanes["real_examples"] / slots, 5),
+                   "batch_fill": round(lanes["real_examples"] / max(int(used.sum()) * c.batch_size, 1), 5)}
     return out, utilization
 
 
