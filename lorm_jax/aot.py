@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import time
 from typing import Callable
@@ -76,6 +77,9 @@ def topology_devices(topology: str) -> tuple[list, Chip | None]:
     if kind not in CHIPS or kind == "h100" or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise TopologyError(f"--topology {topology!r} is invalid: one of {', '.join(k for k in CHIPS if k != 'h100')} "
                             f"with a slice shape, e.g. v5e:4x4, v5e:8x8, v4:2x2x2, v5p:2x2x1, v6e:4x4; or cpu")
+    # Several processes may compile for TPUs at once (tests on 2 workers): no TPU is touched, so libtpu's one-process
+    # lock is not needed.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu",
@@ -148,7 +152,8 @@ class Program:
     name: str
     per_round: float          # runs per round
     per_task: float           # runs per end of task
-    compile_s: float
+    compile_s: float          # wall seconds
+    compile_cpu_s: float      # CPU seconds of this process (XLA compiles on up to 2 threads; less sensitive to load)
     memory: dict              # argument / output / temp / alias bytes per device
     flops_xla: float          # XLA's cost analysis (loop bodies counted once)
     bytes_xla: float
@@ -193,10 +198,10 @@ def _compile(name: str, fn: Callable, calls: list, trips: list, *, per_round: fl
     Returns the program and its output shapes."""
     calls = [(_abstract(args, mesh), kwargs) for args, kwargs in calls]
     args, kwargs = calls[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = fn.lower(*args, **kwargs)
     compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     text = lowered.as_text()
     reused = all(fn.lower(*a, **k).as_text() == text for a, k in calls[1:])
     mem = compiled.memory_analysis()
@@ -206,7 +211,8 @@ def _compile(name: str, fn: Callable, calls: list, trips: list, *, per_round: fl
     static = tuple(i for i, a in enumerate(args) if isinstance(a, str))
     jaxpr = jax.make_jaxpr(functools.partial(fn, **kwargs), static_argnums=static)(*args).jaxpr
     costs, once = [jaxpr_cost(jaxpr, t) for t in trips], jaxpr_cost(jaxpr, 1, loops=False)
-    program = Program(name=name, per_round=per_round, per_task=per_task, compile_s=seconds, memory=memory,
+    program = Program(name=name, per_round=per_round, per_task=per_task, compile_s=seconds, compile_cpu_s=cpu,
+                      memory=memory,
                       flops_xla=float(cost.get("flops", 0.0)), bytes_xla=float(cost.get("bytes accessed", 0.0)),
                       flops_once=float(once[0]), bytes_once=float(once[1]), flops=[float(f) for f, _ in costs],
                       bytes=[float(b) for _, b in costs], float64=bool(re.search(r"\bf64\b", text)),
@@ -296,6 +302,7 @@ def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
     """Predicted times (roofline) of a round and of the run, the training program's MFU, and whether it all fits."""
     c, T = setup.config, setup.num_tasks
     out = {"devices": devices, "compile_s": sum(p.compile_s for p in programs),
+           "compile_cpu_s": sum(p.compile_cpu_s for p in programs), "load_average": os.getloadavg()[0],
            "bytes_per_device_max": max(p.bytes_per_device() for p in programs),
            "float64": [p.name for p in programs if p.float64], "callbacks": [p.name for p in programs if p.callbacks],
            "reused": all(p.reused for p in programs)}
@@ -326,15 +333,15 @@ def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
 def table(programs: list, chip: Chip | None) -> str:
     """One row per program: how often it runs, compile s, GiB per device (args / outputs / temporaries), XLA's FLOPs
     and bytes (loop bodies once), the FLOPs and bytes with the loops' trip counts (task 0), roofline ms (task 0)."""
-    head = ["program", "runs/round", "runs/task", "compile s", "args GiB", "out GiB", "temp GiB", "XLA GFLOP",
-            "XLA GB", "GFLOP", "GB", "roofline ms", "bound", "f64", "callbacks", "reused"]
+    head = ["program", "runs/round", "runs/task", "compile s", "compile CPU s", "args GiB", "out GiB", "temp GiB",
+            "XLA GFLOP", "XLA GB", "GFLOP", "GB", "roofline ms", "bound", "f64", "callbacks", "reused"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in programs:
         bound = ms = "—"
         if chip is not None:
             ms = f"{1e3 * p.seconds(0, chip):.2f}"
             bound = "FLOPs" if p.compute_bound(0, chip) else "memory"
-        cells = [p.name, f"{p.per_round:.2g}", f"{p.per_task:.2g}", f"{p.compile_s:.1f}",
+        cells = [p.name, f"{p.per_round:.2g}", f"{p.per_task:.2g}", f"{p.compile_s:.1f}", f"{p.compile_cpu_s:.1f}",
                  f"{p.memory['argument'] / GiB:.3f}", f"{p.memory['output'] / GiB:.3f}",
                  f"{p.memory['temp'] / GiB:.3f}", f"{p.flops_xla / 1e9:.1f}", f"{p.bytes_xla / 1e9:.2f}",
                  f"{p.flops[0] / 1e9:.1f}", f"{p.bytes[0] / 1e9:.2f}", ms,
@@ -344,7 +351,8 @@ def table(programs: list, chip: Chip | None) -> str:
 
 
 def report(programs: list, summary: dict) -> str:
-    lines = [f"compiled {len(programs)} programs in {summary['compile_s']:.1f} s; largest per device "
+    lines = [f"compiled {len(programs)} programs in {summary['compile_s']:.1f} s "
+             f"({summary['compile_cpu_s']:.1f} CPU s, load average {summary['load_average']:.1f}); largest per device "
              f"{summary['bytes_per_device_max'] / GiB:.2f} GiB"]
     if "chip" in summary:
         lines += [f"{summary['chip']}: {summary['devices']} chips of {summary['hbm_gib']:.0f} GiB HBM -> "

@@ -120,8 +120,8 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
             singles = [lanes_of([[0]], s_max, [own_idx[k]], [own_mask[k]]) for k in range(num_clients)]
             first, wall = _first_and_median(lambda: [call(singles[k], keys[k:k + 1]) for k in range(num_clients)],
                                             repeats)
-            rows.append(_row(label, num_clients, beta, steps, "sequential loop", sum(s["real_examples"] for s in singles),
-                             s_sum, first, wall))
+            real = sum(s["real_examples"] for s in singles)
+            rows.append(_row(label, num_clients, beta, steps, "sequential loop", real, s_sum, first, wall))
             print(_format(rows[-1]), flush=True)
             base = next(r for r in rows[-len(layouts) - 1:] if r["mode"] == PADDED_RUN)
             for r in rows[-len(layouts) - 1:]:
@@ -132,7 +132,8 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
 def _row(label, k, beta, steps, mode, real_examples, run, first, wall) -> dict:
     """``run`` lane steps of ``BATCH`` example slots each; ``train_utilization``: the real examples among them."""
     return {"backbone": label, "clients": k, "beta": beta, "sum_steps": int(steps.sum()), "max_steps": int(steps.max()),
-            "mode": mode, "lane_steps_run": int(run), "train_utilization": real_examples / (run * BATCH), "wall_s": wall,
+            "mode": mode, "lane_steps_run": int(run), "train_utilization": real_examples / (run * BATCH),
+            "wall_s": wall,
             "compile_s": max(first - wall, 0.0), "client_steps_per_s": int(steps.sum()) / wall,
             "peak_rss_mb": common.peak_rss_mb()}
 
