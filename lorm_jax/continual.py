@@ -88,6 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         log.info("resumed %s at unit %d/%d", workdir, int(state["unit"]), total)
     workdir_lib.truncate_metrics(workdir, int(state["unit"]))
     workdir_lib.write_json(os.path.join(workdir, "partition.json"), _partition_info(setup))
+    if int(state["unit"]) < total:
+        rounds.warm_up(setup, state, int(state["unit"]) // units_per_task)
     if hooks.instrument is not None:
         setup = rounds.instrument(setup, hooks.instrument)
     bar = tqdm(total=total, initial=int(state["unit"]), disable=not progress or not distributed.is_primary(),

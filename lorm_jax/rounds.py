@@ -18,6 +18,7 @@ inject faults in tests.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from typing import Callable
@@ -45,6 +46,43 @@ def instrument(setup: Setup, wrap: Callable[[str, Callable], Callable]) -> Setup
     merges = dataclasses.replace(setup.merges, round=wrap("merge_round", setup.merges.round),
                                  tasks=wrap("merge_tasks", setup.merges.tasks))
     return dataclasses.replace(setup, programs=programs, merges=merges)
+
+
+# Where each looping program takes its loop's trip count among its arguments (federated.*_call).
+LOOP_TRIPS = {"train": 6, "grams": 5, "evaluate": 4}
+
+
+def _no_loop_trips(name: str, fn: Callable) -> Callable:
+    """``fn`` with its loop's trip count set to 0 (the same placement): the program, compiled, does no work."""
+    if name not in LOOP_TRIPS:
+        return fn
+
+    def call(*args, **kwargs):
+        args = list(args)
+        args[LOOP_TRIPS[name]] = args[LOOP_TRIPS[name]] * 0
+        return fn(*args, **kwargs)
+    return call
+
+
+def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
+    """Compile the programs the run calls before its first unit, two at a time.
+
+    A dry round of each trained factor and a dry end of task run the run's own code on ``setup`` with every loop
+    emptied (trip count 0): each program is compiled (and cached by ``jax.jit``) exactly as the run will call it, at
+    no cost but the compilation. XLA:CPU compiles a program on one thread, so local training and a task's end
+    compile side by side, then the two factors' server merges. Single-process, single-device runs only: on a mesh,
+    programs with collectives are not run from two threads at once (they compile at their first real call).
+    """
+    if sharding.mesh_size(setup.programs.mesh) != 1 or jax.process_count() != 1:
+        return
+    dry = instrument(setup, _no_loop_trips)
+    first_round = {setup.method.train_factor(r): r for r in reversed(range(setup.config.rounds))}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0),
+                       lambda: end_task(dry, state, task)],
+                      [lambda r=r: run_round(dry, state, task, r) for r in first_round.values()]):
+            for job in [pool.submit(fn) for fn in phase]:
+                job.result()
 
 
 def task_rows(setup: Setup, task: int) -> np.ndarray:

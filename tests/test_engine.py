@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, TINY, small_config
+from conftest import ONE_BLOCK, REPO, TINY, small_config
 
 from lorm_jax import continual, federated, metrics, plan, rng, rounds, testing
 from lorm_jax import data as data_lib
@@ -172,3 +172,34 @@ def test_a_repeated_round_compiles_nothing():
     finally:
         logger.removeHandler(handler)
     assert not [m for m in compiled if "Finished XLA compilation" in m], compiled
+
+
+def test_warm_up_compiles_every_program_a_round_and_a_task_end_call():
+    """rounds.warm_up runs a dry round of each factor and a dry task end (loops of 0 trips) before the first unit, two
+    at a time: the real round and task end then trace (and compile) none of their programs again."""
+    setup = plan.build_setup(small_config(**ONE_BLOCK))  # its own programs: nothing compiled or traced yet
+    state = rounds.initial_state(setup)
+    rounds.warm_up(setup, state)
+    traced = []
+    listener = lambda name, secs, **_: traced.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    calls = []
+
+    def count(name, fn):
+        def call(*args, **kwargs):
+            before = len(traced)
+            out = fn(*args, **kwargs)
+            calls.append((name, len(traced) - before))
+            return out
+        return call
+
+    try:
+        watched = rounds.instrument(setup, count)
+        state, line = rounds.run_round(watched, state, 0, 0)
+        assert line["loss"] > 0  # real work: the dry run changed nothing
+        state, _ = rounds.run_round(watched, state, 0, 1)
+        rounds.end_task(watched, state, 0)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert {name for name, _ in calls} == set(rounds.STAGES)
+    assert [c for c in calls if c[1]] == [], calls
