@@ -237,7 +237,7 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     mesh = jax.sharding.Mesh(np.asarray(devices), (sharding.CLIENTS,))
     setup = plan.assemble(c, backbone, ds, mesh, budget_bytes=budget_bytes)
     state = rounds.initial_state(setup)
-    K, T, R = c.num_clients, setup.num_tasks, c.rounds
+    T, R = setup.num_tasks, c.rounds
     programs = []
 
     def add(name, fn, calls, trips, per_round=1.0, per_task=0.0):
@@ -245,39 +245,53 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
         programs.append(program)
         return out
 
-    # A round: local training in lanes, the clients' outputs in client order, the Gram pass, the server merge (per
-    # trained factor), Gram health, merge residuals. The end of a task: the Gram pass again (the merged task LoRA's
-    # Grams), the cross-task merge, Gram health of the task sums, evaluation.
-    keys = jax.ShapeDtypeStruct((K, 2), jnp.uint32)
+    # A round: local training in lanes, the clients' outputs in client order, the Gram pass that sums what the
+    # merge needs (per trained factor), the server merge from the sums, Gram health, merge residuals; each wave of a
+    # round runs the training and sums programs once. The end of a task: the Gram sums of the merged task LoRA, the
+    # cross-task merge, Gram health of the task sums, evaluation.
+    waves = [plan.round_waves(setup, t, 0) for t in range(T)]
+    per_wave = float(len(waves[0]))
     lanes = [[rounds.lane_layout(setup, t, r) for r in range(min(R, 2))] for t in range(T)]
     factor = {t_r: setup.method.train_factor(t_r[1]) for t_r in np.ndindex(T, min(R, 2))}
+    keys = [jax.ShapeDtypeStruct((len(w[0].clients), 2), jnp.uint32) for w in waves]
     train_calls = [federated.train_call(setup.programs, setup.backbone.params, setup.train, state["lora"],
-                                        state["head"], lanes[t][r], keys, factor[t, r], 0.0, rounds.task_rows(setup, t))
+                                        state["head"], lanes[t][r], keys[t], factor[t, r], 0.0,
+                                        rounds.task_rows(setup, t))
                    for t, r in np.ndindex(T, min(R, 2))]
-    out = add("train", setup.programs.train, train_calls, [int(x[0]["num_steps"]) for x in lanes])
+    out = add("train", setup.programs.train, train_calls, [int(x[0]["num_steps"]) for x in lanes], per_round=per_wave)
     clients = add("by_client", setup.programs.by_client, [((out, lanes[0][0]["lane_of"], lanes[0][0]["row_of"]), {})],
-                  [1] * T)
-    packed = setup.schedule.gram_packed
-    gram_calls = [federated.grams_call(setup.programs, setup.backbone.params, setup.train, clients["lora"], p, keys,
-                                       1.0) for p in packed]
-    grams, head_grams = add("grams", setup.programs.grams, gram_calls, [int(p["num_batches"]) for p in packed],
-                            per_task=1.0)
+                  [1] * T, per_round=per_wave)
     factors = [setup.method.train_factor(r) for r in range(R)]
-    weights = jax.ShapeDtypeStruct((K,), jnp.float32)
+    blocks = setup.schedule.gram_units == "blocks"
+    size = len(waves[0][0].clients)
+
+    def sums_calls(stats, lora, head):
+        return [federated.sums_call(setup.programs, setup.backbone.params, setup.train, lora, head, state["lora"],
+                                    state["head"], w[0].gram, keys[t], 1.0, np.ones(size, np.float32),
+                                    np.ones(size, bool), float(size), stats, blocks) for t, w in enumerate(waves)]
+
+    trips = [int(w[0].gram["num_batches"]) for w in waves]
     for f in sorted(set(factors)):
+        stats = methods.Statistics(setup.method, f, residuals=bool(c.merge_diagnostics and f), dtype=c.merge_dtype)
+        sums, _ = add(f"sums {f or 'head'}", setup.programs.sums, sums_calls(stats, clients["lora"], clients["head"]),
+                      trips, per_round=per_wave * factors.count(f) / R)
         rows = [rounds.task_rows(setup, t) for t in range(T)]
         add(f"merge_round {f or 'head'}", setup.merges.round.fast,
-            [((clients["lora"], grams, clients["head"], head_grams, weights, f, r, state["head"]), {}) for r in rows],
-            [1] * T, per_round=factors.count(f) / R)
-    add("gram_health", metrics.gram_health_tree, [(({**grams, "head": head_grams}, c.merge_dtype), {})], [1] * T)
-    if c.merge_diagnostics and any(factors):
-        add("residuals", metrics.residuals_tree.fast,
-            [((clients["lora"], state["lora"], grams), {"dtype": jnp.dtype(c.merge_dtype)})],
-            [1] * T, per_round=sum(map(bool, factors)) / R)
+            [((sums, f, r, state["lora"], state["head"]), {}) for r in rows], [1] * T, per_round=factors.count(f) / R)
+        grams = {p: x["gram"] for p, x in sums["layers"].items()}
+        if stats.residuals:
+            add(f"residuals {f}", metrics.residuals_tree.fast,
+                [(({p: x["residual"] for p, x in sums["layers"].items()}, grams, state["lora"]),
+                  {"dtype": jnp.dtype(c.merge_dtype)})], [1] * T, per_round=factors.count(f) / R)
+    add("gram_health", metrics.gram_health_tree, [(({**grams, "head": sums["clients"]["head_gram"]}, c.merge_dtype),
+                                                   {})], [1] * T)
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype), (state["lora"], state["head"]))
+    add("sums end", setup.programs.sums, sums_calls(methods.Statistics(), *stacked), trips, per_round=0.0,
+        per_task=per_wave)
     add("merge_tasks", setup.merges.tasks.fast,
         [((state["past_b"], state["past_a"], state["task_grams"], np.int32(t + 1)), {}) for t in range(T)],
         [1] * T, per_round=0.0, per_task=1.0)
-    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype), {})], [1] * T,
+    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype, True), {})], [1] * T,
         per_round=0.0, per_task=1.0)
     evals = setup.schedule.eval_packed
     eval_calls = [federated.evaluate_call(setup.programs, setup.backbone.params, state["head"], setup.test, p,
@@ -313,9 +327,10 @@ def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
     train = next(p for p in programs if p.name == "train")
     lanes_per_device = setup.schedule.lanes // devices
     mfu = []
-    for t in range(T):
-        steps = setup.schedule.steps[t]
-        loop = int(max(sum(steps[k] for k in lane) for lane in setup.schedule.members[t]))
+    firsts = [plan.round_waves(setup, t, 0)[0] for t in range(T)]  # every wave of a round runs the same program
+    for t, wave in enumerate(firsts):
+        steps = setup.schedule.steps[t][wave.clients]
+        loop = int(max(sum(steps[k] for k in lane) for lane in wave.members))
         lane_step = train.flops[t] / max(loop, 1) / lanes_per_device  # one lane, one step
         mfu.append(float(np.sum(steps)) * lane_step / (devices * chip.peak_flops * train.seconds(t, chip)))
     out.update(chip=chip.name, hbm_gib=chip.hbm_bytes / GiB, fits=bool(out["bytes_per_device_max"] <= chip.hbm_bytes),
@@ -325,8 +340,9 @@ def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
                train_compute_bound=bool(train.compute_bound(0, chip)),
                lanes=setup.schedule.lanes,
                lane_utilization=float(np.mean([np.sum(s) / (setup.schedule.lanes * max(sum(s[k] for k in lane)
-                                                                                        for lane in m))
-                                               for s, m in zip(setup.schedule.steps, setup.schedule.members)])))
+                                                                                        for lane in w.members))
+                                               for s, w in ((setup.schedule.steps[t][w.clients], w)
+                                                            for t, w in enumerate(firsts))])))
     return out
 
 

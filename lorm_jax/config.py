@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_len = 32               # text: tokens per example
 
     c.num_clients = 10
+    c.clients_per_round = 0           # clients drawn to take part in each round and each task's end (0 = all, the
+                                      # reference); a seeded draw of config.seed, task and round (docs/DECISIONS.md)
     c.rounds = 5                      # communication rounds per task
     c.epochs = 5                      # local epochs per round
     c.batch_size = 16
@@ -78,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.client_lanes = 0                # vmapped lanes of local training, clients run back to back in each (0 = auto:
                                       # one per device on CPU, ~ΣS/S_max on accelerators, capped by the memory plan;
                                       # else a multiple of the mesh size); results do not depend on it
+    c.clients_per_wave = 0            # clients trained and summed together (0 = auto: the memory plan's choice, the
+                                      # whole round when it fits); results do not depend on it (up to rounding)
     c.mesh_clients = 0                # devices on the mesh's `clients` axis (0 = every device of every process)
     c.merge_dtype = "float32"         # float64 needs jax_enable_x64
     c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias:
@@ -96,7 +100,8 @@ def data_seed(c: ml_collections.ConfigDict) -> int:
 # written before a key existed is read as holding this default (see with_added_keys), so such runs stay resumable and
 # reusable. A new key belongs here only if its default changes nothing. REMOVED_KEYS were throughput knobs that never
 # changed a result (client_chunk: clients per vmapped call, replaced by client_lanes); they are dropped on reading.
-ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma", "client_lanes": 0}
+ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma", "client_lanes": 0, "clients_per_round": 0,
+              "clients_per_wave": 0}
 REMOVED_KEYS = ("client_chunk",)
 
 
@@ -227,9 +232,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if _get(c, key) < 1:
             _fail(key, _get(c, key), "must be an integer >= 1")
     for key in ("data.max_classes", "data.n_train_per_class", "data.n_test_per_class", "data.min_samples",
-                "gram_batch_size", "client_lanes", "mesh_clients", "seed"):
+                "gram_batch_size", "client_lanes", "clients_per_round", "clients_per_wave", "mesh_clients", "seed"):
         if _get(c, key) < 0:
             _fail(key, _get(c, key), "must be an integer >= 0" + (" (0 = all / off)" if key != "seed" else ""))
+    if c.clients_per_round > c.num_clients:
+        _fail("clients_per_round", c.clients_per_round, f"0 (all) .. config.num_clients = {c.num_clients}")
     if c.data.class_order_seed < -1:
         _fail("data.class_order_seed", c.data.class_order_seed, "-1 (natural order) or a seed >= 0")
     if c.data.seed < -1:

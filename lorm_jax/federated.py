@@ -47,7 +47,7 @@ import optax
 
 from lorm_jax import lora as lora_lib
 from lorm_jax import merging, sharding, trees
-from lorm_jax.backbones.common import GramSpec, layer_gram
+from lorm_jax.backbones.common import BlockSums, GramSpec, layer_gram
 from lorm_jax.objective import head_logits, make_optimizer, masked_cross_entropy
 
 
@@ -65,15 +65,21 @@ class ClientPrograms:
 
     train(frozen, data, lora0, head0, lanes, keys, num_steps, factor_on, lr_factor, class_mask, *, num_rows)
         -> {"lora", "head": [P, R, ...], "loss", "num_steps", "finite": [P, R]}    (see :func:`train_clients`)
-    grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, *, num_clients)
+    grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, *, num_clients)
         -> (grams {path: [K, ...]}, head Grams [K, ...])                           (see :func:`client_grams`)
+    sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys, num_batches,
+         lora_scale, num_samples, include, total, *, num_clients, stats, blocks)
+        -> (sums, ok [K])                                                           (see :func:`client_sums`)
     evaluate(params, head, data, packed, num_batches, class_mask, *, num_segments)
         -> correct predictions per segment (task) [num_segments]                  (see :func:`count_correct`)
     """
     train: Callable
     grams: Callable
+    sums: Callable
     evaluate: Callable
     by_client: Callable      # ([P, R, ...] lane outputs, lane_of [K], row_of [K]) -> [K, ...], replicated
+    take: Callable           # (client-stacked tree, idx [C]) -> its clients idx, replicated
+    add: Callable            # (sums, sums) -> their sum, leaf by leaf
     mesh: Any = None
     gram_block: int = 1      # examples per client-pure block of the packed Gram pass
 
@@ -154,8 +160,12 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
         return {"lora": backbone.unstack_lora(out["lora"], axis=1), "head": out["head"],
                 "loss": loss_sum / jnp.maximum(count, 1), "num_steps": count, "finite": jnp.all(finite, axis=0)}
 
-    def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, num_clients):
-        """Per-client Gram sums over this device's share of the packed batches (summed over devices)."""
+    def device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, num_clients,
+                    reduce):
+        """This device's share of a packed Gram pass over ``num_clients`` clients (``include`` [C]: the others' rows
+        weigh 0). ``reduce`` None: per-client Gram sums ``{path: [C, ...]}``; else (:class:`Reduction`) the LoRA
+        layers' per-block sums, summed, and ``bad`` [C]: clients with a non-finite block Gram. Head Grams per
+        client ``[C, ...]`` either way."""
         packed = jax.tree.map(lambda x: x[0], packed)  # this device's [NB, ...]
         block = packed["idx"].shape[-1]
 
@@ -166,22 +176,77 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
             ex_keys = jax.vmap(lambda c, s, j: example_keys(keys[c], s, gram_stream_batch, j))(
                 jnp.repeat(owner, block), s.reshape(-1), pos.reshape(-1))
             inputs, _ = prepare(data, idx.reshape(-1), ex_keys, augment_grams)
-            lora = None if client_lora is None else {
-                p: {"A": f["A"][owner], "B": f["B"][owner] * lora_scale} for p, f in client_lora.items()}
-            weights = mask.reshape(-1).astype(jnp.float32)
-            features, grams = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
-                                             segments=segments)
+            weights = (mask & include[owner][:, None]).reshape(-1).astype(jnp.float32)
+            if reduce is None:
+                lora = None if client_lora is None else {
+                    p: {"A": f["A"][owner], "B": f["B"][owner] * lora_scale} for p, f in client_lora.items()}
+                features, grams = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
+                                                 segments=segments)
+                bad = acc[2]
+            else:  # unscaled per-block factors: the layers scale their forward pass and reduce with these
+                lora = {p: {"A": f["A"][owner], "B": f["B"][owner]} for p, f in client_lora.items()}
+                features, out = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
+                                               segments=BlockSums(reduce, lora_scale))
+                grams = {p: o[0] for p, o in out.items()}
+                finite = jnp.all(jnp.stack([o[1] for o in out.values()]), axis=0)  # [G]
+                bad = acc[2] + jax.ops.segment_sum((~finite).astype(jnp.int32), owner, num_segments=num_clients)
             head = layer_gram(features, GramSpec(head_gram, weights, segments))
-            return jax.tree.map(jnp.add, acc, (grams, head))
+            return (jax.tree.map(jnp.add, acc[0], grams), acc[1] + head, bad)
 
-        grams, head = jax.lax.fori_loop(0, num_batches, step, _zero_grams(backbone, backbone_gram, head_gram,
-                                                                           num_clients, param_dtype))
+        if reduce is None:
+            zero = _zero_grams(backbone, backbone_gram, num_clients, param_dtype)
+        else:  # the shapes of the layers' reductions: traced on one block, nothing computed
+            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), client_lora)
+            zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+                lambda one: {p: reduce(one[p], _zero_gram(d_in, backbone_gram, 1, param_dtype))
+                             for p, (_, d_in) in backbone.lora_shapes.items()}, one))
+        init = (zero, _zero_gram(backbone.feature_dim, head_gram, num_clients, param_dtype),
+                jnp.zeros(num_clients, jnp.int32))
+        return jax.lax.fori_loop(0, num_batches, step, init)
+
+    def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, num_clients):
+        """Per-client Gram sums over the packed batches (summed over devices), shrunk."""
+        grams, head, _ = device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include,
+                                     num_clients, None)
         grams, head = jax.lax.psum((grams, head), sharding.CLIENTS)
+        return shrink(grams, head)
+
+    def shrink(grams, head):
         if backbone_gram == "full":
             grams = {p: merging.shrink_gram(g, alpha_backbone) for p, g in grams.items()}
         if head_gram == "full":
             head = merging.shrink_gram(head, alpha_head)
         return grams, head
+
+    def packed_sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys,
+                    num_batches, lora_scale, num_samples, include, total, num_clients, stats, blocks):
+        """The sums ``stats`` declares over the clients of a packed pass (see :func:`client_sums`); with ``blocks``
+        the LoRA layers reduce per block (no per-client Gram of a LoRA layer is formed)."""
+        keep = lambda tree, server: jax.tree.map(  # noqa: E731  (a client left out: the server's, finite, weight 0)
+            lambda x, s: jnp.where(include.reshape((-1,) + (1,) * (x.ndim - 1)), x, s), tree, server)
+        client_lora, client_heads = keep(client_lora, server_lora), keep(client_heads, server_head)
+        reduce = Reduction(stats, backbone_gram, alpha_backbone) if blocks else None
+        grams, head, bad = device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale,
+                                       include, num_clients, reduce)
+        grams, head, bad = jax.lax.psum((grams, head, bad), sharding.CLIENTS)
+        if blocks:
+            _, head = shrink({}, head)
+            ok = include & (bad == 0)
+        else:
+            grams, head = shrink(grams, head)
+            ok = include & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(num_clients, -1)), axis=1)
+                                              for g in jax.tree.leaves((grams, head))]), axis=0)
+            grams = trees.zero_clients(grams, ok)
+        head = trees.zero_clients(head, ok)
+        samples = jnp.where(ok, num_samples, 0.0)
+        weights = jnp.where(total > 0, samples / jnp.where(total > 0, total, 1), 0)
+        if not blocks:
+            grams = {p: grams[p] for p in client_lora}
+            grams = merging.map_layers(stats.layer, client_lora, grams,
+                                       sequential=any(g.ndim == 3 for g in grams.values()))
+        sums = {"layers": grams, "clients": stats.clients(client_lora, client_heads, head, weights),
+                "samples": {"planned": total, "included": samples.sum()}}
+        return sums, ok
 
     def packed_evaluate(params, head, data, packed, num_batches, class_mask, num_segments):
         """Correct predictions per segment (task) over this device's share of the packed test batches."""
@@ -227,20 +292,41 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
     train = on_mesh(lambda num_rows: functools.partial(device_lanes, num_rows=num_rows),
                     [a == 0 for a in lanes_in], c, ("num_rows",))
     grams = on_mesh(lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
-                    (False, False, False, True, False, False, False), r, ("num_clients",))
+                    (False, False, False, True, False, False, False, False), r, ("num_clients",))
+    sums = on_mesh(lambda num_clients, stats, blocks: functools.partial(packed_sums, num_clients=num_clients,
+                                                                        stats=stats, blocks=blocks),
+                   (False,) * 6 + (True,) + (False,) * 6, r, ("num_clients", "stats", "blocks"))
     evaluate = on_mesh(lambda num_segments: functools.partial(packed_evaluate, num_segments=num_segments),
                        (False, False, False, True, False, False), r, ("num_segments",))
     by_client = jax.jit(lambda out, lane_of, row_of: jax.tree.map(lambda x: x[lane_of, row_of], out),
                         out_shardings=sharding.replicated(mesh))
-    return ClientPrograms(train=train, grams=grams, evaluate=evaluate, by_client=by_client, mesh=mesh,
-                           gram_block=gram_block)
+    take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree), out_shardings=sharding.replicated(mesh))
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=sharding.replicated(mesh))
+    return ClientPrograms(train=train, grams=grams, sums=sums, evaluate=evaluate, by_client=by_client, take=take,
+                          add=add, mesh=mesh, gram_block=gram_block)
 
 
-def _zero_grams(backbone, backbone_gram: str, head_gram: str, num_clients: int, dtype=jnp.float32):
-    def zeros(d, mode):
-        return jnp.zeros((num_clients, d) if mode == "diag" else (num_clients, d, d), dtype)
-    return ({p: zeros(d_in, backbone_gram) for p, (_, d_in) in backbone.lora_shapes.items()},
-            zeros(backbone.feature_dim, head_gram))
+def _zero_gram(d: int, mode: str, num_clients: int, dtype=jnp.float32):
+    return jnp.zeros((num_clients, d) if mode == "diag" else (num_clients, d, d), dtype)
+
+
+def _zero_grams(backbone, backbone_gram: str, num_clients: int, dtype=jnp.float32):
+    return {p: _zero_gram(d_in, backbone_gram, num_clients, dtype) for p, (_, d_in) in backbone.lora_shapes.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """What a LoRA layer does with its per-block Grams in a streaming pass (:class:`BlockSums`): shrink them (full
+    Grams: linear, so shrinking blocks is shrinking the clients' sums) and take ``stats.layer`` of them with the
+    blocks' own factors. Static and hashable."""
+    stats: Any
+    mode: str
+    alpha: float
+
+    def __call__(self, factors: dict, grams):
+        if self.mode == "full":
+            grams = merging.shrink_gram(grams, self.alpha)
+        return self.stats.layer(factors, grams)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,22 +355,58 @@ def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: d
     return programs.by_client(out, *sharding.replicate((lanes["lane_of"], lanes["row_of"]), programs.mesh))
 
 
-def grams_call(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys,
-               lora_scale) -> tuple[tuple, dict]:
+def grams_call(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale,
+               include=None) -> tuple[tuple, dict]:
     """``(args, static kwargs)`` of ``programs.grams``: a packed pass (:func:`lorm_jax.data.batching.packed_schedule`)
     through ``gram_params`` with each client's LoRA (``client_lora`` client-stacked [K, ...], B scaled by
-    ``lora_scale``; or None)."""
+    ``lora_scale``; or None); clients not in ``include`` [K] (default: all) get zero Grams."""
     mesh = programs.mesh
+    include = np.ones(keys.shape[0], bool) if include is None else np.asarray(include, bool)
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
     shared = sharding.replicate((gram_params, data, client_lora, keys, np.int32(packed["num_batches"]),
-                                 np.float32(lora_scale)), mesh)
+                                 np.float32(lora_scale), include), mesh)
     return (*shared[:3], arrays, *shared[3:]), {"num_clients": int(keys.shape[0])}
 
 
-def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale) -> tuple:
-    """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass (:func:`grams_call`), replicated."""
-    args, kwargs = grams_call(programs, gram_params, data, client_lora, packed, keys, lora_scale)
+def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale,
+                 include=None) -> tuple:
+    """Per-client Gram sums ``({path: [K, ...]}, head [K, ...])`` of a packed pass (:func:`grams_call`), replicated:
+    K clients' Grams at once (what the engine before streaming merged from; tests and benchmarks compare with it)."""
+    args, kwargs = grams_call(programs, gram_params, data, client_lora, packed, keys, lora_scale, include)
     return programs.grams(*args, **kwargs)
+
+
+def sums_call(programs: ClientPrograms, gram_params, data, client_lora, client_heads, server_lora, server_head,
+              packed: dict, keys, lora_scale, num_samples, include, total: float, stats,
+              blocks: bool) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.sums`` (:func:`client_sums`), placed on the mesh."""
+    mesh = programs.mesh
+    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, client_heads, server_lora, server_head), mesh)
+    rest = sharding.replicate((keys, np.int32(packed["num_batches"]), np.float32(lora_scale),
+                               np.asarray(num_samples, np.float32), np.asarray(include, bool), np.float32(total)),
+                              mesh)
+    return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0]), "stats": stats, "blocks": bool(blocks)}
+
+
+def client_sums(programs: ClientPrograms, gram_params, data, client_lora, client_heads, server_lora, server_head,
+                packed: dict, keys, lora_scale, num_samples, include, total: float, stats, blocks: bool) -> tuple:
+    """The sums over the C clients of a packed Gram pass (a wave) that ``stats``
+    (:class:`lorm_jax.methods.base.Statistics`) declares, in one program: ``(sums, ok [C])``, replicated.
+
+    The clients' Gram statistics are taken through ``gram_params`` with their own LoRA (``client_lora`` [C, ...],
+    B scaled by ``lora_scale``), shrunk as configured, summed over the devices and contracted with the clients'
+    factors: ``sums = {"layers": {path: stats.layer}, "clients": stats.clients, "samples": {"planned": total,
+    "included": Σ n_k of the ok clients}}``, FedAvg weights ``n_k / total``. Clients not in ``include`` [C] (or
+    whose Grams are not finite: ``ok`` False) contribute exact zeros (their arrays are replaced by the server's).
+    Without ``blocks`` the per-client Grams ``[C, ...]`` are formed and contracted (layers of one shape vmapped, as
+    the merges do); with ``blocks`` every LoRA layer contracts its per-block Grams with the blocks' factors inside
+    the backbone, so no per-client Gram of a LoRA layer exists: the sums then equal the per-client ones up to
+    rounding, and a client whose Grams are not finite has already entered them (``ok`` says which; pass again
+    without it). Head Grams are per client either way."""
+    args, kwargs = sums_call(programs, gram_params, data, client_lora, client_heads, server_lora, server_head, packed,
+                             keys, lora_scale, num_samples, include, total, stats, blocks)
+    return programs.sums(*args, **kwargs)
 
 
 def evaluate_call(programs: ClientPrograms, params, head, data, packed: dict, class_mask,

@@ -1,5 +1,5 @@
-"""The memory plan: bytes of a training lane and of the packed Gram pass, how many lanes fit on a device, and how many
-lanes are worth running (:func:`choose_lanes`)."""
+"""The memory plan: bytes of a round's parts, how many clients a wave may hold and how it sums their Grams, how many
+lanes fit on a device, and how many lanes are worth running (:func:`choose_lanes`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,35 +13,56 @@ from lorm_jax import sharding
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Estimated bytes of one training lane and of the packed Gram pass, and the lanes they allow on each device."""
+    """Estimated bytes per device of a round's parts, and the waves and lanes they allow.
+
+    A round trains its clients in **waves** of at most ``wave_clients`` (:func:`lorm_jax.plan.split_waves`): a wave
+    trains (a row of parameters and AdamW moments per client), then its Gram pass turns its clients' outputs into the
+    sums the merge needs, added to the round's; only the sums outlive the wave. Per client a wave holds its row, its
+    outputs and its head Gram, and with ``gram_units = "clients"`` its LoRA layers' Grams (summed per client, then
+    contracted, as the merge did before streaming); with ``"blocks"`` every layer contracts per block of examples and
+    no per-client Gram of a LoRA layer exists. Per-client Grams are kept when one wave takes the whole round, so runs
+    that fit compute exactly as before; otherwise blocks, and waves as large as ``wave_budget_bytes`` allows.
+    """
     lora_bytes: int          # trainable LoRA factors + head of one client
-    optimizer_bytes: int     # AdamW moments, gradients, updates and the step's select copies (≈ 5× the params)
+    optimizer_bytes: int     # AdamW moments, gradients, updates and the step's select copies of a step's slots
     activation_bytes: int    # one local step at the training batch: every forward intermediate (an upper bound)
     gram_full_bytes: int     # Gram sums of one client with full [d, d] Grams (every LoRA layer + head)
     gram_diag_bytes: int     # … with diagonal [d] Grams
     gram_bytes: int          # … in the configured layout
-    lane_bytes: int          # one training lane: its clients' rows (params + AdamW moments), activations
-    gram_pass_bytes: int     # the packed Gram pass: K clients' Gram sums (accumulator + update) + one batch
+    client_bytes: int        # one client of a wave: row, outputs, head Gram (+ LoRA layers' Grams with "clients")
+    sums_bytes: int          # the round's sums (every layer's Σ G, the merge's systems, the diagnostics' sums)
+    block_bytes: int         # "blocks": the block Grams of the largest layer for one packed Gram batch
+    lane_bytes: int          # one training lane besides its clients' rows: a step's activations and slot states
     shared_bytes: int        # replicated on every device: backbone params + task data
     budget_bytes: int        # usable bytes per device
+    wave_budget_bytes: int   # what a wave's clients may take: the rest of the budget (on a CPU at most WAVE_BYTES)
     devices: int
-    num_clients: int
+    num_clients: int         # clients of a round
+    wave_clients: int        # most clients of a wave
+    gram_units: str          # "clients" | "blocks"
     max_lanes: int           # lanes that fit (all devices together, a multiple of the mesh size)
 
     def table(self) -> str:
         mb = lambda b: f"{b / 2**20:10.2f} MiB"
         rows = [("LoRA + head", self.lora_bytes), ("optimizer state + grads", self.optimizer_bytes),
                 ("activations per batch", self.activation_bytes), ("Grams (full)", self.gram_full_bytes),
-                ("Grams (diagonal)", self.gram_diag_bytes), ("per training lane", self.lane_bytes),
-                ("packed Gram pass", self.gram_pass_bytes), ("shared per device", self.shared_bytes),
-                ("budget per device", self.budget_bytes)]
+                ("Grams (diagonal)", self.gram_diag_bytes), ("per client of a wave", self.client_bytes),
+                ("round sums", self.sums_bytes), ("block Grams per batch", self.block_bytes),
+                ("per training lane", self.lane_bytes), ("shared per device", self.shared_bytes),
+                ("budget per device", self.budget_bytes), ("budget of a wave", self.wave_budget_bytes)]
         lines = [f"  {name:<24}{mb(b)}" for name, b in rows]
-        lines.append(f"  -> at most {self.max_lanes} training lanes over {self.devices} device(s) "
-                     f"for K = {self.num_clients} clients")
-        if self.gram_pass_bytes + self.shared_bytes > self.budget_bytes:
-            lines.append("  !! the packed Gram pass alone exceeds the budget: use diagonal Grams "
-                         "(config.alpha_backbone = 0) or fewer clients")
+        waves = -(-self.num_clients // self.wave_clients)
+        lines.append(f"  -> {waves} wave(s) of at most {self.wave_clients} of the round's {self.num_clients} "
+                     f"clients, Gram sums per {'client' if self.gram_units == 'clients' else 'block of examples'}; "
+                     f"at most {self.max_lanes} training lanes over {self.devices} device(s)")
         return "memory plan:\n" + "\n".join(lines)
+
+
+# On a CPU a wave's clients take at most this much: a lane step packs at most M clients, so a wave of a few hundred
+# clients already fills its lane, and a fixed cap keeps a run's memory flat in K. Accelerators use the whole budget
+# (larger waves feed more parallel lanes).
+WAVE_BYTES = 512 * 2 ** 20
+GRAM_UNITS = ("clients", "blocks")
 
 
 def _jaxpr_bytes(jaxpr) -> int:
@@ -93,31 +114,73 @@ def device_budget(devices, fraction: float = 0.5) -> int:
 
 def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batch_size: int, gram_batch_size: int,
                 backbone_gram: str, head_gram: str, shared_bytes: int = 0, mesh=None, budget_bytes: int | None = None,
-                max_len: int = 32) -> MemoryPlan:
-    """Bytes of a training lane and of the packed Gram pass, and the most lanes (a multiple of the mesh size) that fit
-    ``budget_bytes`` per device (default :func:`device_budget`) after ``shared_bytes`` and the Gram pass."""
+                max_len: int = 32, gram_block: int = 1, residuals: bool = True, wave_clients: int = 0,
+                gram_units: str = "") -> MemoryPlan:
+    """The waves and lanes of a round of ``num_clients`` clients that fit ``budget_bytes`` per device (default
+    :func:`device_budget`) after ``shared_bytes`` (see :class:`MemoryPlan`). ``wave_clients`` / ``gram_units`` (0 /
+    "": automatic) fix them instead. Raises :class:`lorm_jax.config.InputError` (one line: what it needs, what fits)
+    when not even a wave of one client fits: a run is refused before anything is compiled, never killed mid-way."""
+    from lorm_jax import config as config_lib
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     devices = sharding.mesh_size(mesh)
     f = backbone.feature_dim
-    lora = sum(rank * (d_in + d_out) for d_out, d_in in backbone.lora_shapes.values())
+    layers = backbone.lora_shapes.values()
+    lora = sum(rank * (d_in + d_out) for d_out, d_in in layers)
     params = 4 * (lora + num_classes * (f + 1))
-    diag = 4 * (sum(d_in for _, d_in in backbone.lora_shapes.values()) + f)
-    full = 4 * (sum(d_in * d_in for _, d_in in backbone.lora_shapes.values()) + f * f)
-    grams = {("diag", "diag"): diag}.get((backbone_gram, head_gram))
-    if grams is None:
-        grams = (full if backbone_gram == "full" else diag - 4 * f) + 4 * (f * f if head_gram == "full" else f)
+    diag = 4 * (sum(d_in for _, d_in in layers) + f)
+    full = 4 * (sum(d_in * d_in for _, d_in in layers) + f * f)
+    head = 4 * (f * f if head_gram == "full" else f)
+    grams = (full - 4 * f * f if backbone_gram == "full" else diag - 4 * f) + head
     act_train = activation_bytes(backbone, rank, batch_size, max_len)
     act_gram = act_train if gram_batch_size == batch_size else activation_bytes(backbone, rank, gram_batch_size,
                                                                                 max_len)
-    optimizer = 5 * params
-    lane = optimizer + act_train + num_clients * 3 * params  # every client's row: parameters and AdamW's 2 moments
-    gram_pass = 2 * num_clients * grams + act_gram
+    optimizer = 5 * params * min(batch_size, max(num_clients, 1))  # a step's slots: moments, grads, updates, selects
+
+    def sums(mode: str) -> int:  # Σ G, the merge's systems (at most a dense ΔW sum) and the residual sums, per layer
+        per_layer = sum((d_in if mode == "diag" else d_in * d_in) + d_out * d_in * (1 + residuals) + rank * d_in
+                        for d_out, d_in in layers)
+        return 4 * 4 * (per_layer + f * f + num_classes * f)  # ×4: a pass's accumulator and update, wave, round
+
+    blocks = max(1, gram_batch_size // max(gram_block, 1))
+    widest = max(d_in for _, d_in in layers)
+    block = 4 * 2 * blocks * (widest * widest if backbone_gram == "full" else widest)
+    per_client = {"blocks": 6 * params + 3 * head, "clients": 6 * params + 3 * grams}
+    fixed = shared_bytes + act_train + act_gram + optimizer + sums(backbone_gram)
     budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
-    per_device = max(1, (budget - shared_bytes) // lane)
+    free = budget - fixed - block
+    if free < per_client["blocks"]:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        hint = ""
+        if backbone_gram == "full":
+            fits = budget - (fixed - sums("full") + sums("diag")) >= per_client["blocks"]
+            hint = (f"; with diagonal Grams (config.alpha_backbone = 0) it {'fits' if fits else 'does not fit either'}"
+                    f" ({gib(sums('diag'))} of sums)")
+        raise config_lib.InputError(
+            f"the run does not fit the memory plan: {gib(fixed + block + per_client['blocks'])} per device (backbone "
+            f"and data {gib(shared_bytes)}, the round's Gram sums {gib(sums(backbone_gram))}, one batch's "
+            f"activations {gib(act_train + act_gram)}, one client {gib(per_client['blocks'])}) but the budget is "
+            f"{gib(budget)}{hint}; or lower config.batch_size / config.gram_batch_size, config.merge_diagnostics = "
+            f"False, or use a device with more memory")
+    platform = mesh.devices.flat[0].platform
+    wave_budget = free if platform != "cpu" else min(free, WAVE_BYTES)
+    fit = {u: max(1, wave_budget // b) for u, b in per_client.items()}
+    if gram_units and gram_units not in GRAM_UNITS:
+        raise ValueError(f"gram_units must be one of {GRAM_UNITS}, got {gram_units!r}")
+    if wave_clients:
+        units = gram_units or ("clients" if wave_clients >= num_clients and fit["clients"] >= num_clients
+                               else "blocks")
+        wave = min(wave_clients, num_clients)
+    else:
+        units = gram_units or ("clients" if fit["clients"] >= num_clients else "blocks")
+        wave = max(1, min(num_clients, fit[units]))
+    lane = optimizer + act_train
+    per_device = max(1, (free - wave * per_client[units]) // max(lane, 1))
     return MemoryPlan(lora_bytes=params, optimizer_bytes=optimizer, activation_bytes=act_train,
-                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, lane_bytes=lane,
-                      gram_pass_bytes=gram_pass, shared_bytes=int(shared_bytes), budget_bytes=budget, devices=devices,
-                      num_clients=num_clients, max_lanes=per_device * devices)
+                      gram_full_bytes=full, gram_diag_bytes=diag, gram_bytes=grams, client_bytes=per_client[units],
+                      sums_bytes=sums(backbone_gram), block_bytes=block if units == "blocks" else 0, lane_bytes=lane,
+                      shared_bytes=int(shared_bytes), budget_bytes=budget, wave_budget_bytes=int(wave_budget),
+                      devices=devices, num_clients=num_clients, wave_clients=int(wave), gram_units=units,
+                      max_lanes=per_device * devices)
 
 
 def choose_lanes(steps_per_task, *, devices: int, platform: str, max_lanes: int, requested: int = 0) -> int:

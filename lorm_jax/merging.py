@@ -434,6 +434,18 @@ def _weighted_rows(a: jax.Array, grams: jax.Array) -> jax.Array:
     return jnp.einsum("krd,kde->kre", a, grams, precision=HIGHEST)
 
 
+def fedavg_weights(weights: jax.Array) -> jax.Array:
+    """``w_k / Σ_k w_k`` for sample weights ``w`` [K] (all-zero weights: zeros, never NaN)."""
+    weights = jnp.asarray(weights, jnp.float32)
+    total = weights.sum()
+    return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
+
+
+def weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """``Σ_k w_k x_k`` over the leading client axis in float32: x [K, ...], weights [K] → [...]."""
+    return jnp.tensordot(jnp.asarray(weights, jnp.float32), x.astype(jnp.float32), axes=1, precision=HIGHEST)
+
+
 def fedavg(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Sample-weighted mean ``Σ_k w_k x_k / Σ_k w_k`` over the leading client axis (uniform when weights is None).
 
@@ -444,9 +456,7 @@ def fedavg(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     weights = jnp.asarray(weights, jnp.float32)
     if weights.shape != (x.shape[0],):
         raise ValueError(f"fedavg weights must be [K]={x.shape[0]}, got shape {weights.shape}")
-    total = weights.sum()
-    w = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
-    return jnp.tensordot(w, x.astype(jnp.float32), axes=1, precision=HIGHEST)
+    return weighted_sum(x, fedavg_weights(weights))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -506,14 +516,27 @@ def solve_systems(systems: dict, *, dtype=None) -> dict:
     return {p: out[p] for p in systems}
 
 
+def lora_system(factors: dict, grams: jax.Array, factor: str, *, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """The normal equations of one layer's LoRM merge of ``factor`` (:func:`regmean_system` for "A",
+    :func:`lora_b_system` for "B", with the shared A of unit 0): ``factors = {"A": [K, r, d_in], "B": [K, d_out, r]}``
+    and ``grams`` [K, d_in(, d_in)] over a leading axis of units (clients, or blocks of their examples: the sums are
+    linear in the Grams)."""
+    if factor == "A":
+        return regmean_system(factors["A"], grams, dtype=dtype)
+    if factor == "B":
+        return lora_b_system(factors["B"], factors["A"][0], grams, dtype=dtype)
+    raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+
+
 def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) -> dict:
     """Server merge of every LoRA layer after a round in which ``factor`` ("A" or "B") trained.
 
     client_lora: ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}`` (the frozen factor is identical across clients);
     grams: ``{path: [K, d_in] or [K, d_in, d_in]}``. Returns the unstacked merged LoRA ``{path: {"A": [r, d_in],
     "B": [d_out, r]}}``: the trained factor merged in closed form, the frozen one passed through from client 0.
-    Each layer's sums over clients (layers of one shape as one vmapped body for diagonal Grams; layer by layer for
-    full ones, never stacking the clients' d×d Grams), then one stacked solve per Gram shape (:func:`solve_systems`).
+    Each layer's sums over clients (:func:`lora_system`; layers of one shape as one vmapped body for diagonal Grams;
+    layer by layer for full ones, never stacking the clients' d×d Grams), then one stacked solve per Gram shape
+    (:func:`solve_systems`).
     """
     if factor not in ("A", "B"):
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
@@ -522,13 +545,8 @@ def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) 
         raise ValueError(f"no Gram for LoRA layers {sorted(missing)[:5]}")
     grams = {p: grams[p] for p in client_lora}
     kept = "B" if factor == "A" else "A"
-
-    def system(f, g):
-        if factor == "A":
-            return regmean_system(f["A"], g, dtype=dtype)
-        return lora_b_system(f["B"], f["A"][0], g, dtype=dtype)
-
-    systems = map_layers(system, client_lora, grams, sequential=_any_full(grams, client_axis=True))
+    systems = map_layers(lambda f, g: lora_system(f, g, factor, dtype=dtype), client_lora, grams,
+                         sequential=_any_full(grams, client_axis=True))
     solved = solve_systems(systems, dtype=dtype)
     return {p: {factor: solved[p], kept: f[kept][0].astype(jnp.float32)} for p, f in client_lora.items()}
 
@@ -616,3 +634,46 @@ def merge_residuals_tree(client_lora: dict, merged_lora: dict, grams: dict, *, d
                              for p, f in client_lora.items()}, dtype=dtype)
     return {p: merge_residuals(f["B"], f["A"], merged[p]["B"], merged[p]["A"], grams[p], dtype=dtype,
                                optimum=optimum[p]) for p, f in client_lora.items()}
+
+
+def residual_sums(client_b: jax.Array, client_a: jax.Array, grams: jax.Array, *, dtype=None) -> dict:
+    """What :func:`residuals_from_sums` needs of one layer, as sums over a leading axis of units u (clients, or blocks
+    of their examples; every term is linear in ``G_u``), with ``ΔW_u = B_u A_u``::
+
+        e       = Σ_u ΔW_u G_u                  [d_out, d_in]   (the RegMean system's right-hand side)
+        energy  = Σ_u tr(ΔW_u G_u ΔW_uᵀ)        []              (per unit tr((B_uᵀ B_u)(A_u G_u A_uᵀ)): O(r² d))
+
+    client_b [U, d_out, r], client_a [U, r, d_in], grams [U, d_in(, d_in)]."""
+    dtype = _compute_dtype(dtype)
+    client_b, client_a, grams = client_b.astype(dtype), client_a.astype(dtype), grams.astype(dtype)
+    e, _ = regmean_lowrank_system(client_b, client_a, grams, dtype=dtype)
+    ag = _weighted_rows(client_a, grams)                                              # A_u G_u   [U, r, d_in]
+    aga = jnp.einsum("krd,ksd->krs", ag, client_a, precision=HIGHEST)                # A_u G_u A_uᵀ
+    btb = jnp.einsum("kor,kos->krs", client_b, client_b, precision=HIGHEST)
+    return {"e": e, "energy": jnp.sum(btb * aga)}
+
+
+def residuals_from_sums(sums: dict, gram: jax.Array, b: jax.Array, a: jax.Array, *, dtype=None,
+                        optimum: jax.Array | None = None) -> jax.Array:
+    """:func:`merge_residuals` from the summed statistics of :func:`residual_sums` and ``gram = Σ_u G_u``: with
+    ``R(W) = tr(W G Wᵀ) − 2 tr(W eᵀ) + energy`` (= ``Σ_u tr((W − ΔW_u) G_u (W − ΔW_u)ᵀ)``),
+    ``[R(B A), R(ΔW*)] / energy`` (0 when the energy is 0), ``ΔW* = e G^+`` (``optimum`` if solved already).
+    ``tr(B A G Aᵀ Bᵀ) = Σ (BᵀB) ⊙ (A G Aᵀ)`` costs O(r² d); the expansion cancels where the residual is small, so
+    values below ~1e-6 (float32) are rounding."""
+    dtype = _compute_dtype(dtype)
+    e, energy, gram, b, a = (x.astype(dtype) for x in (sums["e"], sums["energy"], gram, b, a))
+    ag = a * gram if gram.ndim == 1 else _mm(a, gram)
+    low_rank = jnp.sum(_mm(b.T, b) * _mm(ag, a.T)) - 2 * jnp.sum(b * _mm(e, a.T))
+    w = (solve_gram(e, gram, dtype=dtype) if optimum is None else optimum).astype(dtype)
+    wgw = jnp.sum(w * w * gram) if gram.ndim == 1 else jnp.sum(_mm(w, gram) * w)
+    num = jnp.stack([low_rank + energy, wgw - 2 * jnp.sum(w * e) + energy])
+    safe = jnp.where(energy > 0, energy, 1)
+    return jnp.where(energy > 0, jnp.maximum(num, 0) / safe, 0).astype(jnp.float32)
+
+
+def residuals_from_sums_tree(sums: dict, grams: dict, merged_lora: dict, *, dtype=None) -> dict:
+    """:func:`residuals_from_sums` of every layer: ``{path: [ρ(B A), ρ(ΔW*)]}`` from ``sums {path: residual_sums}``,
+    ``grams {path: Σ_u G_u}`` and the merged LoRA (the optima solved together, :func:`solve_systems`)."""
+    optimum = solve_systems({p: (s["e"], grams[p]) for p, s in sums.items()}, dtype=dtype)
+    return {p: residuals_from_sums(s, grams[p], merged_lora[p]["B"], merged_lora[p]["A"], dtype=dtype,
+                                   optimum=optimum[p]) for p, s in sums.items()}

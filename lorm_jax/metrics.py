@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorm_jax import merging
-from lorm_jax.methods import common
 
 
 def continual_metrics(acc: np.ndarray, test_sizes: np.ndarray) -> dict:
@@ -46,24 +45,27 @@ def continual_metrics(acc: np.ndarray, test_sizes: np.ndarray) -> dict:
     }
 
 
-def gram_utilization(schedule, task: int) -> float:
-    """Real examples / processed example slots of task ``task``'s packed Gram pass (all devices)."""
-    p = schedule.gram_packed[task]
-    slots = p["idx"].shape[0] * p["num_batches"] * p["idx"].shape[2] * p["idx"].shape[3]
-    return round(p["real_examples"] / slots, 5)
+def gram_utilization(waves) -> float:
+    """Real examples / processed example slots of the packed Gram passes of ``waves`` (all devices)."""
+    real = sum(w.gram["real_examples"] for w in waves)
+    slots = sum(w.gram["idx"].shape[0] * w.gram["num_batches"] * w.gram["idx"].shape[2] * w.gram["idx"].shape[3]
+                for w in waves)
+    return round(real / max(slots, 1), 5)
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def gram_health_tree(stacked_grams: dict, dtype: str) -> dict:
-    """:func:`lorm_jax.merging.gram_health` of every summed Gram ``Σ_k G_k`` (``{name: [K, d] or [K, d, d]}``)."""
-    return {p: merging.gram_health(merging.client_sum(g), dtype=jnp.dtype(dtype)) for p, g in stacked_grams.items()}
+@functools.partial(jax.jit, static_argnames=("dtype", "stacked"))
+def gram_health_tree(grams: dict, dtype: str, stacked: bool = False) -> dict:
+    """:func:`lorm_jax.merging.gram_health` of every summed Gram ``Σ_k G_k`` (``{name: [d] or [d, d]}``; with
+    ``stacked`` the terms ``{name: [K, d] or [K, d, d]}``, summed here)."""
+    return {p: merging.gram_health(merging.client_sum(g) if stacked else g, dtype=jnp.dtype(dtype))
+            for p, g in grams.items()}
 
 
-def gram_conditioning(stacked_grams: dict, dtype: str = "float32") -> dict:
-    """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [K, d] or [K, d, d]}``; see
-    :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 = singular), how many
-    layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
-    health = jax.device_get(gram_health_tree(stacked_grams, dtype))
+def gram_conditioning(grams: dict, dtype: str = "float32", stacked: bool = False) -> dict:
+    """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [d] or [d, d]}``, or their terms with
+    ``stacked``; see :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 =
+    singular), how many layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
+    health = jax.device_get(gram_health_tree(grams, dtype, stacked))
     pivots = [float(h["min_pivot"]) for h in health.values()]
     return {"gram_min_pivot": float(f"{min(pivots):.6g}"),
             "gram_pinv_layers": int(sum(float(h["pinv"]) for h in health.values())),
@@ -84,18 +86,20 @@ def utilization_summary(schedule, lines: list[dict]) -> dict:
     return out
 
 
-# merging.merge_residuals_tree, compiled once per run (the eigh fallback only if a singular Gram needs it)
-residuals_tree = merging.fast_first(merging.merge_residuals_tree, static_argnames="dtype")
+# merging.residuals_from_sums_tree, compiled once per run (the eigh fallback only if a singular Gram needs it)
+residuals_tree = merging.fast_first(merging.residuals_from_sums_tree, static_argnames="dtype")
 
 
-def merge_diagnostics(client_lora, merged_lora, grams, num_samples, dtype=jnp.float32) -> dict:
+def merge_diagnostics(sums: dict, merged_lora, dtype=jnp.float32) -> dict:
     """How well a round's merge reproduces the clients' responses: per LoRA layer the relative response-matching
     residual of the merged ``ΔW = B A`` against the clients' own ``ΔW_k = B_k A_k`` on their Grams, and the same at the
-    ideal RegMean ``ΔW*`` of the clients' deltas (:func:`lorm_jax.merging.merge_residuals`), as mean and max over
-    layers: ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients
-    (``num_samples`` = 0) have zero Grams and drop out."""
-    client_lora = common.keep_included(client_lora, num_samples)
-    per_layer = residuals_tree(client_lora, merged_lora, grams, dtype=jnp.dtype(dtype))
+    ideal RegMean ``ΔW*`` of the clients' deltas (:func:`lorm_jax.merging.residuals_from_sums`, from the round's sums
+    ``Σ_k ΔW_k G_k`` and ``Σ_k tr(ΔW_k G_k ΔW_kᵀ)``, :func:`lorm_jax.merging.residual_sums`), as mean and max over
+    layers: ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients are not
+    in the sums."""
+    layers = sums["layers"]
+    per_layer = residuals_tree({p: s["residual"] for p, s in layers.items()}, {p: s["gram"] for p, s in layers.items()},
+                               merged_lora, dtype=jnp.dtype(dtype))
     values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
     summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
     return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}

@@ -46,40 +46,67 @@ class Setup:
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
-    """How the run lays out its client work; the partitions fix every client's step count, so all of it is known
-    before the first round and every round runs the same compiled shapes.
+class Wave:
+    """Clients of a round trained and summed together: ``clients`` [C] (ascending ids), their lanes ``members``
+    (wave-local indices, :func:`lorm_jax.data.batching.pack_lanes`) of ``lane_steps`` packed steps each, and the packed
+    layout ``gram`` of their Gram pass (block owners wave-local)."""
+    clients: np.ndarray
+    members: list
+    lane_steps: list
+    gram: dict
 
-    Training: the K clients of task t run in ``lanes`` vmapped lanes, lane p holding ``members[t][p]``
-    (:func:`lorm_jax.data.batching.pack_lanes`), whose local steps are packed up to ``num_slots`` clients to a lane
-    step (:func:`lorm_jax.data.batching.pack_steps`): ``lane_steps[t]`` steps per lane. Loop buffers hold
-    ``num_steps`` steps (the longest lane of the run) and ``num_rows`` client rows per lane (the most clients of a lane
-    + a scratch row). Gram pass of task t: ``gram_packed[t]`` (client-pure blocks of ``gram_block`` examples);
-    evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the run lays out its client work; the partitions and the participation draws fix every client's step
+    count, so all of it is known before the first round and every round runs the same compiled shapes.
+
+    A round's clients (all, or ``config.clients_per_round`` drawn, :func:`round_clients`) run in waves of at most
+    ``wave_clients`` (:func:`split_waves`; the memory plan's choice): a wave's clients train in ``lanes`` vmapped lanes
+    (:func:`lorm_jax.data.batching.pack_lanes`), their local steps packed up to ``num_slots`` clients to a lane step
+    (:func:`lorm_jax.data.batching.pack_steps`), then their Gram pass sums what the merge needs (``gram_units``:
+    per-client Grams contracted, or per-block sums). ``waves[t]``: task t's waves when every client takes part in
+    every round (None with partial participation: drawn per round, :func:`round_waves`). Loop buffers hold
+    ``num_steps`` steps and ``num_rows`` client rows per lane (the most clients of a lane + a scratch row), Gram passes
+    ``gram_batches`` batches of ``gram_blocks_per_batch`` blocks of ``gram_block`` examples: the largest over every
+    wave of the run. Evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
     """
     lanes: int
     steps: list              # per task: [K] real local steps of each client per round
-    members: list
-    lane_steps: list         # per task: [P] packed steps of each lane
+    waves: list | None
     num_steps: int
     num_slots: int
     num_rows: int
+    wave_clients: int
+    gram_units: str
     gram_block: int
-    gram_packed: list
+    gram_batches: int
+    gram_blocks_per_batch: int
     eval_packed: list
 
     def describe(self, batch_size: int) -> str:
         lines = [f"schedule: {self.lanes} training lane(s); loop buffers {self.num_steps} steps x {batch_size} "
-                 f"examples of up to {self.num_slots} client(s), {self.num_rows - 1} client row(s) per lane"]
-        for t, (steps, members, packed) in enumerate(zip(self.steps, self.members, self.gram_packed)):
-            lines.append(f"  task {t}: clients per lane {members}, {int(sum(steps))} local steps packed into "
-                         f"{self.lane_steps[t]} lane steps; "
-                         f"Gram pass {packed['num_batches']} packed batch(es) of "
-                         f"{packed['idx'].shape[2]} x {self.gram_block} examples per device")
+                 f"examples of up to {self.num_slots} client(s), {self.num_rows - 1} client row(s) per lane; waves "
+                 f"of at most {self.wave_clients} clients, Gram sums per "
+                 f"{'client' if self.gram_units == 'clients' else 'block of examples'}"]
+        for t, waves in enumerate(self.waves or []):
+            lanes = [w.members for w in waves] if len(waves) > 1 else waves[0].members
+            lines.append(f"  task {t}: {len(waves)} wave(s), clients per lane {_short(lanes)}, "
+                         f"{int(sum(self.steps[t]))} local steps packed into {_short([w.lane_steps for w in waves])} "
+                         f"lane steps; Gram pass {_short([w.gram['num_batches'] for w in waves])} packed batch(es) "
+                         f"of {self.gram_blocks_per_batch} x {self.gram_block} examples per device")
+        if self.waves is None:
+            lines.append("  every round draws its clients (config.clients_per_round): waves laid out per round")
         p = self.eval_packed[-1]
         lines.append(f"  compiled shapes: training [{self.lanes}, {self.num_steps}, {batch_size}], Gram pass "
-                     f"{list(self.gram_packed[0]['idx'].shape)}, evaluation {list(p['idx'].shape)}")
+                     f"[{self.gram_batches}, {self.gram_blocks_per_batch}, {self.gram_block}] per device, evaluation "
+                     f"{list(p['idx'].shape)}")
         return "\n".join(lines)
+
+
+def _short(x, limit: int = 160) -> str:
+    text = str(x)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def split_task(c, labels: np.ndarray, task: int) -> list:
@@ -180,50 +207,116 @@ def tokens_per_example(backbone, max_len: int) -> int:
                               backbone.params, x).shape[1])
 
 
+def round_clients(c, task: int, rnd: int) -> np.ndarray:
+    """The clients taking part in round ``rnd`` of task ``task`` (``rnd = config.rounds``: the end of the task, whose
+    clients send the Grams of the merged task LoRA), ascending (:func:`lorm_jax.rng.participants`)."""
+    return rng.participants(c.seed, task, rnd, c.num_clients, c.clients_per_round)
+
+
+def split_waves(clients: np.ndarray, wave_clients: int) -> list[np.ndarray]:
+    """``clients`` cut into ⌈n / wave_clients⌉ consecutive waves of equal size (±1)."""
+    return np.array_split(np.asarray(clients), max(1, -(-len(clients) // max(wave_clients, 1))))
+
+
+def _wave_groups(c, partitions: list, wave_clients: int) -> dict:
+    """``{(task, rnd): waves}`` of every unit whose clients differ: per task once when every client takes part
+    (rnd = -1), else per round and the end of each task."""
+    out = {}
+    for t in range(len(partitions)):
+        rounds = [-1] if c.clients_per_round in (0, c.num_clients) else range(c.rounds + 1)
+        for r in rounds:
+            out[t, r] = split_waves(round_clients(c, t, max(r, 0)), wave_clients)
+    return out
+
+
+def gram_blocks(c, parts: list, clients: np.ndarray, block: int, devices: int) -> int:
+    """Packed Gram blocks per device of a wave: its clients' examples, ``gram_passes`` times, in client-pure blocks
+    of ``block`` examples, dealt to ``devices``."""
+    return -(-sum(-(-len(parts[k]) * c.gram_passes // block) for k in clients) // devices)
+
+
+def make_wave(c, schedule: Schedule, task_parts: list, steps: np.ndarray, clients: np.ndarray, devices: int) -> Wave:
+    """The lanes and the packed Gram layout of the wave ``clients`` of a task (``task_parts``: its clients'
+    examples, ``steps``: their local steps), in the schedule's compiled shapes."""
+    members = data_lib.pack_lanes(steps[clients], schedule.lanes)
+    sizes = [data_lib.step_sizes(len(task_parts[k]), c.batch_size, c.epochs) for k in clients]
+    lane_steps = [data_lib.lane_steps(sizes, [lane], c.batch_size, schedule.num_slots) for lane in members]
+    gram = data_lib.packed_schedule([task_parts[k] for k in clients], c.gram_batch_size or c.batch_size,
+                                    c.gram_passes, block=schedule.gram_block,
+                                    blocks_per_batch=schedule.gram_blocks_per_batch, shards=devices,
+                                    num_batches=schedule.gram_batches)
+    return Wave(clients=np.asarray(clients), members=members, lane_steps=lane_steps, gram=gram)
+
+
+def round_waves(setup: Setup, task: int, rnd: int) -> list[Wave]:
+    """The waves of round ``rnd`` of task ``task`` (``rnd = config.rounds``: the end of the task)."""
+    if setup.schedule.waves is not None:
+        return setup.schedule.waves[task]
+    c = setup.config
+    devices = sharding.mesh_size(setup.programs.mesh)
+    return [make_wave(c, setup.schedule, setup.partitions[task], setup.schedule.steps[task], w, devices)
+            for w in split_waves(round_clients(c, task, rnd), setup.schedule.wave_clients)]
+
+
 def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test, *,
                   budget_bytes: int | None = None) -> Schedule:
-    """Lanes (``config.client_lanes`` or the memory plan's and :func:`memory.choose_lanes`' choice), the packing of
-    every task's clients into them, and the packed Gram / evaluation layouts; logged before the run."""
+    """Waves (the memory plan's, or ``config.clients_per_wave``), lanes (``config.client_lanes`` or the memory
+    plan's and :func:`memory.choose_lanes`' choice), the packing of every wave's clients into them, and the packed
+    Gram / evaluation shapes, the largest over every unit of the run; logged before the run."""
     devices = sharding.mesh_size(mesh)
     gram_bs = c.gram_batch_size or c.batch_size
     backbone_gram = "diag" if c.alpha_backbone == 0 else "full"
-    plan = memory.plan_memory(backbone, num_clients=c.num_clients, num_classes=num_classes, rank=c.rank,
-                              batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
-                              head_gram="diag" if c.alpha_head == 0 else "full",
-                              shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
-                              budget_bytes=budget_bytes, max_len=c.data.max_len)
-    log.info("%s", plan.table())
-    steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
-    lanes = memory.choose_lanes(steps, devices=devices, platform=mesh.devices.flat[0].platform,
-                                max_lanes=plan.max_lanes, requested=c.client_lanes)
-    members = [data_lib.pack_lanes(s, lanes) for s in steps]
-    num_rows = 1 + max(len(lane) for m in members for lane in m)
-    num_slots = min(c.batch_size, num_rows - 1)  # clients per lane step: at most one per example
-    sizes = [[data_lib.step_sizes(len(p), c.batch_size, c.epochs) for p in parts] for parts in partitions]
-    lane_steps = [[data_lib.lane_steps(s, [lane], c.batch_size, num_slots) for lane in m]
-                  for s, m in zip(sizes, members)]
-    num_steps = max(max(x) for x in lane_steps)
     # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
     # d×d matrix per example); diagonal Grams: one example per block, no padding at all.
     block = 1 if backbone_gram == "diag" else max(1, -(-64 // tokens_per_example(backbone, c.data.max_len)))
-
-    def packed(groups, stream_batch, passes, block, max_examples):
-        """One layout per group (list of index arrays), all with the largest group's shape (one compiled program):
-        batches of at most ``max_examples`` examples, as few as the largest group needs and equally full."""
-        blocks = max(-(-sum(-(-len(ix) * passes // block) for ix in g) // devices) for g in groups)
-        num_batches = max(1, -(-blocks // max(1, max_examples // block)))
-        per_batch = max(1, -(-blocks // num_batches))
-        return [data_lib.packed_schedule(g, stream_batch, passes, block=block, blocks_per_batch=per_batch,
-                                         shards=devices, num_batches=num_batches) for g in groups]
-
-    gram_packed = packed(partitions, gram_bs, c.gram_passes, block, gram_bs)
-    eval_packed = packed([task_test[:t + 1] for t in range(len(task_test))], c.eval_batch_size, 1, 1,
-                         c.eval_batch_size)
-    schedule = Schedule(lanes=lanes, steps=steps, members=members, lane_steps=lane_steps, num_steps=max(num_steps, 1),
-                        num_slots=num_slots, num_rows=num_rows,
-                        gram_block=block, gram_packed=gram_packed, eval_packed=eval_packed)
+    per_round = c.clients_per_round or c.num_clients
+    plan = memory.plan_memory(backbone, num_clients=per_round, num_classes=num_classes, rank=c.rank,
+                              batch_size=c.batch_size, gram_batch_size=gram_bs, backbone_gram=backbone_gram,
+                              head_gram="diag" if c.alpha_head == 0 else "full",
+                              shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
+                              budget_bytes=budget_bytes, max_len=c.data.max_len, gram_block=block,
+                              residuals=bool(c.merge_diagnostics), wave_clients=c.clients_per_wave)
+    log.info("%s", plan.table())
+    steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
+    groups = _wave_groups(c, partitions, plan.wave_clients)
+    lanes = memory.choose_lanes([steps[t][w] for (t, _), waves in groups.items() for w in waves], devices=devices,
+                                platform=mesh.devices.flat[0].platform, max_lanes=plan.max_lanes,
+                                requested=c.client_lanes)
+    members = {key: [data_lib.pack_lanes(steps[key[0]][w], lanes) for w in waves] for key, waves in groups.items()}
+    num_rows = 1 + max(len(lane) for m in members.values() for wave in m for lane in wave)
+    num_slots = min(c.batch_size, num_rows - 1)  # clients per lane step: at most one per example
+    num_steps = 1
+    for (t, r), waves in groups.items():
+        sizes = [data_lib.step_sizes(len(p), c.batch_size, c.epochs) for p in partitions[t]]
+        for w, wave_lanes in zip(waves, members[t, r]):
+            num_steps = max([num_steps] + [data_lib.lane_steps([sizes[k] for k in w], [lane], c.batch_size,
+                                                               num_slots) for lane in wave_lanes])
+    # Packed Gram passes: one shape for every wave of the run (one compiled program), batches of at most gram_bs
+    # examples, as few as the largest wave needs and equally full.
+    most = max(gram_blocks(c, partitions[t], w, block, devices) for (t, _), waves in groups.items() for w in waves)
+    gram_batches = max(1, -(-most // max(1, gram_bs // block)))
+    schedule = Schedule(lanes=lanes, steps=steps, waves=None, num_steps=num_steps, num_slots=num_slots,
+                        num_rows=num_rows, wave_clients=plan.wave_clients, gram_units=plan.gram_units,
+                        gram_block=block, gram_batches=gram_batches,
+                        gram_blocks_per_batch=max(1, -(-most // gram_batches)),
+                        eval_packed=packed_layouts([task_test[:t + 1] for t in range(len(task_test))],
+                                                   c.eval_batch_size, 1, 1, c.eval_batch_size, devices))
+    if c.clients_per_round in (0, c.num_clients):
+        schedule = dataclasses.replace(schedule, waves=[
+            [make_wave(c, schedule, partitions[t], steps[t], w, devices) for w in groups[t, -1]]
+            for t in range(len(partitions))])
     log.info("%s", schedule.describe(c.batch_size))
     return schedule
+
+
+def packed_layouts(groups, stream_batch: int, passes: int, block: int, max_examples: int, devices: int) -> list:
+    """One layout per group (list of index arrays), all with the largest group's shape (one compiled program):
+    batches of at most ``max_examples`` examples, as few as the largest group needs and equally full."""
+    blocks = max(-(-sum(-(-len(ix) * passes // block) for ix in g) // devices) for g in groups)
+    num_batches = max(1, -(-blocks // max(1, max_examples // block)))
+    per_batch = max(1, -(-blocks // num_batches))
+    return [data_lib.packed_schedule(g, stream_batch, passes, block=block, blocks_per_batch=per_batch,
+                                     shards=devices, num_batches=num_batches) for g in groups]
 
 
 def partition_digest(setup: Setup) -> str:

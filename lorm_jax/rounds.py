@@ -1,9 +1,11 @@
 """The steps of a run: one communication round, the end of a task, the state they carry, and one hook point.
 
-A task of ``config.rounds`` rounds: in each, every client trains the round's factor from the server state (lanes of
-:mod:`lorm_jax.federated`), the clients' Grams are taken in one packed pass, and the method's compiled server merge
-(:attr:`Setup.merges`) produces the new server LoRA and head. At the end of a task the merged task LoRA's Grams are
-taken, the method merges all finished tasks into the evaluation model, and it is evaluated on every task seen.
+A task of ``config.rounds`` rounds: in each, the round's clients (all, or ``config.clients_per_round`` drawn) train the
+round's factor from the server state, wave by wave (lanes of :mod:`lorm_jax.federated`); each wave's Gram pass adds
+the sums over its clients that the method's merge needs to the round's (the clients' outputs are dropped with the
+wave), and the method's compiled server merge (:attr:`Setup.merges`) produces the new server LoRA and head from the
+sums. At the end of a task the merged task LoRA's Gram sums are taken (from that unit's clients), the method merges all
+finished tasks into the evaluation model, and it is evaluated on every task seen.
 
 State (host numpy, every leaf an array, checkpointed after every unit)::
 
@@ -28,28 +30,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorm_jax import data as data_lib
-from lorm_jax import federated, ledger, merging, metrics, rng, sharding, trees
+from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
 from lorm_jax import lora as lora_lib
+from lorm_jax.methods.base import Statistics
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup
 
 log = logging.getLogger("lorm_jax")
 
-STAGES = ("train", "grams", "evaluate", "merge_round", "merge_tasks")
+STAGES = ("train", "grams", "sums", "evaluate", "merge_round", "merge_tasks")
 
 
 def instrument(setup: Setup, wrap: Callable[[str, Callable], Callable]) -> Setup:
     """``setup`` with every compiled stage ``fn`` of :data:`STAGES` replaced by ``wrap(name, fn)``: client training,
-    the Gram pass and evaluation (:attr:`Setup.programs`) and the method's merges (:attr:`Setup.merges`)."""
+    the Gram passes (per-client Grams, and the sums a round uses) and evaluation (:attr:`Setup.programs`) and the
+    method's merges (:attr:`Setup.merges`)."""
     programs = dataclasses.replace(setup.programs, **{name: wrap(name, getattr(setup.programs, name))
-                                                      for name in ("train", "grams", "evaluate")})
+                                                      for name in ("train", "grams", "sums", "evaluate")})
     merges = dataclasses.replace(setup.merges, round=wrap("merge_round", setup.merges.round),
                                  tasks=wrap("merge_tasks", setup.merges.tasks))
     return dataclasses.replace(setup, programs=programs, merges=merges)
 
 
 # Where each looping program takes its loop's trip count among its arguments (federated.*_call).
-LOOP_TRIPS = {"train": 6, "grams": 5, "evaluate": 4}
+LOOP_TRIPS = {"train": 6, "grams": 5, "sums": 8, "evaluate": 4}
 
 
 def _no_loop_trips(name: str, fn: Callable) -> Callable:
@@ -77,10 +81,11 @@ def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
         return
     dry = instrument(setup, _no_loop_trips)
     first_round = {setup.method.train_factor(r): r for r in reversed(range(setup.config.rounds))}
+    wave = plan.round_waves(setup, task, 0)[0]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0),
-                       lambda: end_task(dry, state, task)],
-                      [lambda r=r: run_round(dry, state, task, r) for r in first_round.values()]):
+        for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0, wave),
+                       lambda: end_task(dry, state, task, max_waves=1)],
+                      [lambda r=r: run_round(dry, state, task, r, max_waves=1) for r in first_round.values()]):
             for job in [pool.submit(fn) for fn in phase]:
                 job.result()
 
@@ -91,22 +96,36 @@ def task_rows(setup: Setup, task: int) -> np.ndarray:
     return (rows >= setup.offsets[task]) & (rows < setup.offsets[task + 1])
 
 
-def lane_layout(setup: Setup, task: int, rnd: int, members: list | None = None) -> dict:
-    """The local-training schedule of (task, round): every client's own shuffled batches (drawn from its own generator,
-    so they do not depend on how clients are grouped) laid out along the lanes ``members`` (default: the run's
-    packing) — :func:`lorm_jax.data.batching.lane_schedule`."""
+def lane_layout(setup: Setup, task: int, rnd: int, wave: plan.Wave | None = None, members: list | None = None) -> dict:
+    """The local-training schedule of (task, round) for the clients of ``wave`` (default: the round's first): every
+    client's own shuffled batches (drawn from its own generator, so they do not depend on how clients are grouped)
+    laid out along the wave's lanes (or the lanes ``members``, wave-local) —
+    :func:`lorm_jax.data.batching.lane_schedule`."""
     c, schedule = setup.config, setup.schedule
+    wave = plan.round_waves(setup, task, rnd)[0] if wave is None else wave
+    parts = [setup.partitions[task][k] for k in wave.clients]
     batches = [data_lib.client_schedule([part], c.batch_size, c.epochs,
-                                        rng.client_rng(c.seed, task, rnd, k, rng.TRAIN_STREAM))
-               for k, part in enumerate(setup.partitions[task])]  # per client: (idx, mask), each [1, S, batch]
-    steps = schedule.steps[task]
-    members = schedule.members[task] if members is None else members
+                                        rng.client_rng(c.seed, task, rnd, int(k), rng.TRAIN_STREAM))
+               for k, part in zip(wave.clients, parts)]  # per client: (idx, mask), each [1, S, batch]
+    steps = schedule.steps[task][wave.clients]
+    members = wave.members if members is None else members
     num_rows = max(schedule.num_rows, max(len(m) for m in members) + 1)
-    sizes = [data_lib.step_sizes(len(part), c.batch_size, c.epochs) for part in setup.partitions[task]]
+    sizes = [data_lib.step_sizes(len(part), c.batch_size, c.epochs) for part in parts]
     num_steps = max(schedule.num_steps, data_lib.lane_steps(sizes, members, c.batch_size, schedule.num_slots))
     return data_lib.lane_schedule([idx[0, :n] for (idx, _), n in zip(batches, steps)],
                                   [mask[0, :n] for (_, mask), n in zip(batches, steps)], members, num_steps,
                                   schedule.num_slots, num_rows)
+
+
+def whole_round(setup: Setup, task: int, rnd: int, members: list | None = None) -> plan.Wave:
+    """Every client of (task, round) as one wave (the run's own waves when it has one), in lanes ``members``."""
+    waves = plan.round_waves(setup, task, rnd)
+    if len(waves) == 1 and members is None:
+        return waves[0]
+    clients = np.concatenate([w.clients for w in waves])
+    members = data_lib.pack_lanes(setup.schedule.steps[task][clients], setup.schedule.lanes) if members is None \
+        else members
+    return plan.Wave(clients=clients, members=members, lane_steps=[], gram={})
 
 
 def initial_state(setup: Setup) -> dict:
@@ -157,53 +176,103 @@ def evaluate(setup: Setup, params, head, task: int) -> np.ndarray:
     return correct[:task + 1] / np.maximum(sizes, 1)
 
 
-def client_training(setup: Setup, lora, head, task: int, rnd: int, members: list | None = None) -> tuple[dict, dict]:
-    """Local training of every client of (task, round) from the server's ``lora`` / ``head``, in the run's lanes (or
-    the lanes ``members``): the ``[K]`` outputs of :func:`federated.train_clients` and the schedule's utilisation."""
+def client_training(setup: Setup, lora, head, task: int, rnd: int, wave: plan.Wave | None = None,
+                    members: list | None = None) -> tuple[dict, dict]:
+    """Local training of the clients of ``wave`` (default: every client of (task, round), in the lanes ``members`` if
+    given) from the server's ``lora`` / ``head``: the ``[C]`` outputs of :func:`federated.train_clients` in the
+    wave's client order, and the schedule's utilisation."""
     c, method = setup.config, setup.method
+    wave = whole_round(setup, task, rnd, members) if wave is None else wave
     factor = method.train_factor(rnd)  # "A", "B", "AB" or "" (head only)
     lr_factor = {"A": c.lr_a, "B": c.lr_b, "AB": max(c.lr_a, c.lr_b)}.get(factor, -1.0)  # AB: methods.get checks
     lr_factor = c.lr if lr_factor < 0 else lr_factor
-    lanes = lane_layout(setup, task, rnd, members)
-    keys = rng.client_keys(c.seed, task, rnd, np.arange(c.num_clients), rng.TRAIN_STREAM)
+    lanes = lane_layout(setup, task, rnd, wave)
+    keys = rng.client_keys(c.seed, task, rnd, wave.clients, rng.TRAIN_STREAM)
     out = federated.train_clients(setup.programs, setup.backbone.params, setup.train, lora, head, lanes, keys,
                                   factor, lr_factor, task_rows(setup, task))
     used = lanes["mask"].any(-1)  # lane steps that ran some real example
     slots = len(lanes["idx"]) * lanes["num_steps"] * c.batch_size  # example slots the lanes' loops ran
-    utilization = {"train_utilization": round(lanes["real_examples"] / slots, 5),
-                   "batch_fill": round(lanes["real_examples"] / max(int(used.sum()) * c.batch_size, 1), 5)}
-    return out, utilization
+    return out, {"real": lanes["real_examples"], "slots": slots, "used": int(used.sum()) * c.batch_size}
 
 
-def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dict]:
-    """One communication round: local training (clients in vmapped lanes), Gram statistics, server merge."""
+def _utilization(parts: list[dict], waves: list) -> dict:
+    real = sum(p["real"] for p in parts)
+    return {"train_utilization": round(real / sum(p["slots"] for p in parts), 5),
+            "batch_fill": round(real / max(sum(p["used"] for p in parts), 1), 5),
+            "gram_utilization": metrics.gram_utilization(waves)}
+
+
+def last_rounds(setup: Setup, task: int, rnd: int, clients: np.ndarray) -> np.ndarray:
+    """Per client of ``clients`` the last round of the task before ``rnd`` it took part in (-1: none)."""
+    last = np.full(len(clients), -1)
+    for r in range(rnd):
+        last[np.isin(clients, plan.round_clients(setup.config, task, r))] = r
+    return last
+
+
+def wave_sums(setup: Setup, gram_params, scale: float, client_lora, client_heads, state: dict, wave: plan.Wave,
+              task: int, rnd: int, include: np.ndarray, total: float, stats) -> tuple[dict, np.ndarray]:
+    """The sums ``stats`` declares over the clients of ``wave`` (:func:`federated.client_sums`): ``(sums, ok [C])``,
+    ``ok``: included and with finite Grams. In the blocks layout a client whose Grams are not finite has entered the
+    sums already, so the wave is summed again without it."""
+    c = setup.config
+    if wave.gram["real_examples"] != sum(len(setup.partitions[task][k]) for k in wave.clients) * c.gram_passes:
+        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
+                         "plan.with_partitions(setup, partitions) to replan the waves and packed passes")
+    keys = rng.client_keys(c.seed, task, rnd, wave.clients, rng.GRAM_STREAM)
+    samples = np.asarray([len(setup.partitions[task][k]) for k in wave.clients], np.float32)
+    blocks = setup.schedule.gram_units == "blocks"
+    while True:
+        sums, ok = federated.client_sums(setup.programs, gram_params, setup.train, client_lora, client_heads,
+                                         state["lora"], state["head"], wave.gram, keys, scale, samples, include,
+                                         total, stats, blocks)
+        ok = np.asarray(sharding.gather(ok))
+        if not blocks or np.array_equal(ok, include):
+            return sums, ok
+        include = ok
+
+
+def run_round(setup: Setup, state: dict, task: int, rnd: int, max_waves: int | None = None) -> tuple[dict, dict]:
+    """One communication round: the round's clients, wave by wave, train (vmapped lanes) and add their sums (one
+    packed Gram pass per wave); the server merges from the sums. ``max_waves``: only the first ones (compiling)."""
     c, method = setup.config, setup.method
     factor = method.train_factor(rnd)
-    out, utilization = client_training(setup, state["lora"], state["head"], task, rnd)
     rows = jnp.asarray(task_rows(setup, task))
-    num_samples = np.asarray([len(p) for p in setup.partitions[task]], np.float32)
-    finite, losses = sharding.gather((out["finite"], out["loss"]))
-    finite = finite & np.isfinite(losses)
     gram_params, scale = gram_network(setup, state, task)
-    grams, head_grams = _client_grams(setup, gram_params, out["lora"], task, rnd, scale, finite)
-    grams, head_grams, finite = _drop_nonfinite_grams(grams, head_grams, finite)
-    utilization["gram_utilization"] = metrics.gram_utilization(setup.schedule, task)
+    waves = plan.round_waves(setup, task, rnd)[:max_waves]
+    clients = np.concatenate([w.clients for w in waves])
+    num_samples = np.asarray([len(setup.partitions[task][k]) for k in clients], np.float32)
+    stats = Statistics(method, factor, residuals=bool(c.merge_diagnostics and factor), dtype=c.merge_dtype)
+    sums, losses, finite, parts = None, [], [], []
+    for wave in waves:
+        out, used = client_training(setup, state["lora"], state["head"], task, rnd, wave)
+        ok, loss = sharding.gather((out["finite"], out["loss"]))
+        s, ok = wave_sums(setup, gram_params, scale, out["lora"], out["head"], state, wave, task, rnd,
+                          ok & np.isfinite(loss), float(num_samples.sum()), stats)
+        sums = s if sums is None else setup.programs.add(sums, s)
+        losses.append(loss)
+        finite.append(ok)
+        parts.append(used)
+    losses, finite = np.concatenate(losses), np.concatenate(finite)
     weights = np.where(finite, num_samples, 0.0)
-    lora, head = setup.merges.round(out["lora"], grams, out["head"], head_grams, jnp.asarray(weights), factor, rows,
-                                    state["head"])
+    lora, head = setup.merges.round(sums, factor, rows, state["lora"], state["head"])
     if not np.any(weights > 0):  # nobody to merge: keep the server's model rather than a merge of nothing
         lora, head = state["lora"], state["head"]
-    traffic = ledger.round_entry(method, rnd, factor, out["lora"], grams, out["head"], head_grams, weights, rows,
-                                 state["lora"], state["head"])  # state before the merge: what the clients downloaded
-    if c.merge_diagnostics and factor:
-        traffic.update(metrics.merge_diagnostics(out["lora"], lora, grams, weights, c.merge_dtype))
+    layer_sums = sums["layers"]
+    grams = {p: x["gram"] for p, x in layer_sums.items()}
+    traffic = ledger.round_entry(method, rnd, factor, state["lora"], state["head"], grams,
+                                 sums["clients"]["head_gram"], rows, last_rounds(setup, task, rnd, clients))
+    if stats.residuals:
+        traffic.update(metrics.merge_diagnostics(sums, lora, c.merge_dtype))
     state = dict(state, lora=sharding.gather(lora), head=sharding.gather(head))
     line = {"task": task, "round": rnd, "factor": factor,
             "loss": float(np.sum(np.where(weights > 0, losses, 0.0) * weights) / max(np.sum(weights), 1.0)),
             "client_loss": [round(float(x), 5) for x in losses],
             "client_samples": num_samples.astype(int).tolist(),
-            "excluded_clients": np.flatnonzero(~finite).tolist(), **utilization, **traffic,
-            **metrics.gram_conditioning({**grams, "head": head_grams}, c.merge_dtype)}
+            "excluded_clients": clients[~finite].tolist(), **_utilization(parts, waves), **traffic,
+            **metrics.gram_conditioning({**grams, "head": sums["clients"]["head_gram"]}, c.merge_dtype)}
+    if c.clients_per_round:
+        line["clients"] = clients.tolist()
     if not finite.all():
         log.warning("task %d round %d: clients %s produced a non-finite loss, parameters or Grams and were left out "
                     "of the merge%s", task, rnd, line["excluded_clients"],
@@ -218,34 +287,22 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int) -> tuple[dict, dic
     return state, line
 
 
-def _drop_nonfinite_grams(grams: dict, head_grams, include: np.ndarray):
-    """Also leave out clients whose Grams overflowed (inf/NaN); returns zeroed Grams and the updated ``include`` [K]."""
-    leaves = jax.tree.leaves((grams, head_grams))
-    ok = np.asarray(jnp.stack([jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1) for g in leaves]).all(0))
-    if ok.all():
-        return grams, head_grams, include
-    return (*trees.zero_clients((grams, head_grams), include & ok), include & ok)
-
-
-def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, scale: float, include: np.ndarray):
-    """Per-client Grams of every LoRA layer and of the head (one packed pass over the task's clients); clients not in
-    ``include`` contribute zeros."""
-    keys = rng.client_keys(setup.config.seed, task, rnd, np.arange(setup.config.num_clients), rng.GRAM_STREAM)
-    if setup.schedule.gram_packed[task]["real_examples"] != sum(map(len, setup.partitions[task])) * \
-            setup.config.gram_passes:
-        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
-                         "plan.with_partitions(setup, partitions) to replan the packed passes")
-    grams = federated.client_grams(setup.programs, gram_params, setup.train, client_lora,
-                                   setup.schedule.gram_packed[task], keys, scale)
-    return trees.zero_clients(grams, include)
-
-
-def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
-    """Grams of the merged task LoRA, cross-task RegMean, and evaluation on all tasks seen so far."""
+def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None) -> tuple[dict, dict]:
+    """Gram sums of the merged task LoRA (over the unit's clients, wave by wave), cross-task RegMean, and evaluation
+    on all tasks seen so far."""
     c = setup.config
     gram_params, scale = gram_network(setup, state, task)
-    server = trees.stack_clients(state["lora"], c.num_clients)
-    grams, _ = _client_grams(setup, gram_params, server, task, c.rounds, scale, np.ones(c.num_clients, bool))
+    waves = plan.round_waves(setup, task, c.rounds)[:max_waves]
+    clients = np.concatenate([w.clients for w in waves])
+    total = float(sum(len(setup.partitions[task][k]) for k in clients))
+    sums = None
+    for wave in waves:
+        n = len(wave.clients)
+        s, _ = wave_sums(setup, gram_params, scale, trees.stack_clients(state["lora"], n),
+                         trees.stack_clients(state["head"], n), state, wave, task, c.rounds, np.ones(n, bool), total,
+                         Statistics())
+        sums = s if sums is None else setup.programs.add(sums, s)
+    grams = {p: x["gram"] for p, x in sums["layers"].items()}
     state = dict(state)
     state["past_a"] = {p: x.copy() for p, x in state["past_a"].items()}
     state["past_b"] = {p: x.copy() for p, x in state["past_b"].items()}
@@ -253,7 +310,7 @@ def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
     for p, f in state["lora"].items():
         state["past_a"][p][task] = f["A"]
         state["past_b"][p][task] = f["B"]
-        state["task_grams"][p][task] = np.asarray(merging.client_sum(grams[p]))
+        state["task_grams"][p][task] = np.asarray(sharding.gather(grams[p]))
     deltas = setup.merges.tasks(state["past_b"], state["past_a"], state["task_grams"], task + 1)
     params = setup.backbone.add_delta(setup.backbone.params, deltas)
     accs = evaluate(setup, params, state["head"], task)
@@ -263,10 +320,10 @@ def end_task(setup: Setup, state: dict, task: int) -> tuple[dict, dict]:
     sizes = np.asarray([len(setup.task_test[t]) for t in range(task + 1)])
     line = {"task": task, "round": "end", "accuracy": float(np.sum(accs * sizes) / np.sum(sizes)),
             "task_accuracy": [round(float(a), 5) for a in accs],
-            "gram_utilization": metrics.gram_utilization(setup.schedule, task),
-            **ledger.task_entry(setup.method, setup.method.train_factor(c.rounds - 1), grams, state["lora"],
-                                c.num_clients),
-            **metrics.gram_conditioning(state["task_grams"], c.merge_dtype)}  # unfinished tasks' rows are 0
+            "gram_utilization": metrics.gram_utilization(waves),
+            **ledger.task_entry(setup.method, c.rounds, grams, state["lora"],
+                                last_rounds(setup, task, c.rounds, clients)),
+            **metrics.gram_conditioning(state["task_grams"], c.merge_dtype, stacked=True)}  # unfinished: 0
     if task + 1 < setup.num_tasks:  # the next task starts from B = 0 and a fresh A
         state["lora"] = sharding.gather(lora_lib.init(rng.lora_key(c.seed, task + 1), setup.backbone.lora_shapes,
                                                       c.rank))

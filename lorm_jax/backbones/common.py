@@ -19,6 +19,10 @@ Conventions (paper layout, see ``lorm_jax/lora.py``):
   ``B: [G, d_out, r]``) and the Grams are summed per client: with ``segments = (ids [G], K)`` a layer yields
   ``G_k = Σ_{n in blocks of client k} w_n x_n x_nᵀ``, i.e. ``[K, d_in, d_in]`` (or ``[K, d_in]``), computed as one
   Gram per block (a batched dot) and a segment sum over blocks, so it costs what the unsegmented Gram costs.
+  With ``segments = BlockSums(fn, scale)`` no per-client Gram is formed at all: each layer hands its per-block Grams
+  ``[G, ...]`` and its own per-block factors to ``fn`` and yields ``(fn(factors, grams), finite [G])``, e.g. the sums
+  ``Σ_g A_g G_g`` a merge needs (linear in the Grams, so summed over blocks they are the sums over clients); the
+  block Grams of one layer exist only inside that layer.
 
 **Blocks are scanned.** A model's transformer blocks run as one ``nn.scan`` over block-stacked weights (big_vision's
 ``scan`` option): the block is traced and compiled once, not ``depth`` times, which is what compile time on TPU
@@ -31,6 +35,7 @@ per-layer LoRA factors into the scanned ``"lora"`` collection (``[depth, ...]`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -87,7 +92,8 @@ class Backbone:
           weights: optional float ``[B]`` per-example row weight for the Grams (0 for padded examples; default 1).
             Text rows are further multiplied by the token's attention mask. Does not affect ``features``.
           segments: optional ``(ids int [G], K)``: the batch is ``G`` equal blocks of examples and block g belongs to
-            client ``ids[g]``; each Gram is then ``[K, ...]``, summed per client.
+            client ``ids[g]``; each Gram is then ``[K, ...]``, summed per client. Or :class:`BlockSums` (per-block
+            ``lora``): each path then yields ``(reduction, finite [G])`` instead of a Gram.
 
         Returns:
           ``(features float32 [B, feature_dim], grams)`` with ``grams = {}`` when ``gram is None``, else
@@ -107,8 +113,10 @@ class Backbone:
             return self.module.apply(variables, inputs, gram=None, weights=weights), {}
         features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, segments=segments,
                                             mutable=["grams"])
-        stacked = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"][BLOCKS]).items()}
-        return features, {p: stacked[layer][i] for p, (layer, i) in _block_layers(self.lora_shapes).items()}
+        flat = traverse_util.flatten_dict(state["grams"][BLOCKS], is_leaf=lambda path, _: path[-1:] == ("gram",))
+        stacked = {"/".join(k[:-1]): g for k, g in flat.items()}
+        return features, {p: jax.tree.map(lambda x, i=i: x[i], stacked[layer])
+                          for p, (layer, i) in _block_layers(self.lora_shapes).items()}
 
     def stack_lora(self, lora):
         """Per-layer LoRA ``{path: {"A", "B"}}`` -> the scanned blocks' layout ``{"blocks": {layer: {"A": [depth, ...],
@@ -225,21 +233,32 @@ def lora_shapes_of(params) -> dict[str, tuple[int, int]]:
 # Layers.
 # ----------------------------------------------------------------------------------------------------------------------
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scale"], meta_fields=["fn"])
+@dataclasses.dataclass(frozen=True)
+class BlockSums:
+    """Per-block reduction of a packed batch's layer Grams (the module doc): every LoRA layer yields
+    ``(fn({"A": [G, r, d_in], "B": [G, d_out, r]}, grams [G, d_in(, d_in)]), finite [G])`` with its per-block
+    factors as given (unscaled) and its forward pass using ``B · scale``. ``fn`` is static (hashable)."""
+    fn: Callable
+    scale: jax.Array
+
+
 class GramSpec(NamedTuple):
     """What a LoRA layer records: ``mode`` ("diag" / "full"), the row weights ``row_w [B, T]`` (None = all 1) and
-    optionally ``segments = (ids [G], K)``: per-client sums over G equal blocks of examples (see the module doc)."""
+    optionally ``segments``: ``(ids [G], K)`` for per-client sums over G equal blocks of examples, or
+    :class:`BlockSums` (see the module doc)."""
     mode: str
     row_w: jax.Array | None
-    segments: tuple | None = None
+    segments: tuple | BlockSums | None = None
 
 
 def layer_gram(x, spec: GramSpec):
     """Gram of a layer input ``x [..., d]`` over all rows: ``Σ w x²`` ("diag") or ``Σ w x xᵀ`` ("full"), in float32
-    (float64 for float64 inputs); with ``spec.segments`` one per client, ``[K, d]`` / ``[K, d, d]``.
+    (float64 for float64 inputs); with ``spec.segments = (ids, K)`` one per client, ``[K, d]`` / ``[K, d, d]``.
 
     All are dots (precision HIGHEST) rather than reductions, so the result does not depend on XLA's fusion choices
     (see :class:`LayerNorm`); "diag" is the vector-matrix product ``w @ (x ⊙ x)`` and never forms a d×d matrix.
-    Segmented: one Gram per block (``[G, ·]``, batched dots over the block's rows), then a segment sum over blocks.
+    Segmented: one Gram per block (:func:`block_grams`), then a segment sum over blocks.
     """
     acc = jnp.promote_types(x.dtype, jnp.float32)
     x = x.reshape(-1, x.shape[-1]).astype(acc)
@@ -249,12 +268,19 @@ def layer_gram(x, spec: GramSpec):
             return jnp.matmul(w, x * x, precision=HIGHEST)
         return jnp.matmul((x * w[:, None]).T, x, precision=HIGHEST)
     ids, num = spec.segments
-    xb, wb = x.reshape(ids.shape[0], -1, x.shape[-1]), w.reshape(ids.shape[0], -1)  # [G, rows per block, d]
+    return jax.ops.segment_sum(block_grams(x, spec, ids.shape[0]), ids, num_segments=num)
+
+
+def block_grams(x, spec: GramSpec, num_blocks: int):
+    """One Gram per block of rows: ``x [..., d]`` (``num_blocks`` equal contiguous blocks) → ``[G, d]`` ("diag") or
+    ``[G, d, d]`` ("full"), batched dots over each block's rows (float32, float64 for float64 inputs)."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.reshape(-1, x.shape[-1]).astype(acc)
+    w = jnp.ones((x.shape[0],), acc) if spec.row_w is None else spec.row_w.reshape(-1).astype(acc)
+    xb, wb = x.reshape(num_blocks, -1, x.shape[-1]), w.reshape(num_blocks, -1)  # [G, rows per block, d]
     if spec.mode == "diag":
-        blocks = jnp.einsum("gn,gnd->gd", wb, xb * xb, precision=HIGHEST)
-    else:
-        blocks = jnp.einsum("gnd,gne->gde", xb * wb[..., None], xb, precision=HIGHEST)
-    return jax.ops.segment_sum(blocks, ids, num_segments=num)
+        return jnp.einsum("gn,gnd->gd", wb, xb * xb, precision=HIGHEST)
+    return jnp.einsum("gnd,gne->gde", xb * wb[..., None], xb, precision=HIGHEST)
 
 
 def dot(x, w, dtype):
@@ -267,7 +293,8 @@ class LoRADense(nn.Module):
 
     ``A``/``B`` are read from the ``"lora"`` collection when present (plain dense layer otherwise); per-block factors
     ``A [G, r, d_in]``, ``B [G, d_out, r]`` apply to G equal contiguous blocks of the rows (examples). With a GramSpec
-    the layer also sows the Gram of its input ``x`` into the ``"grams"`` collection.
+    the layer also sows the Gram of its input ``x`` into the ``"grams"`` collection (with :class:`BlockSums`: the
+    reduction of its per-block Grams and their finiteness).
     """
     features: int
     dtype: Any = jnp.float32
@@ -280,14 +307,24 @@ class LoRADense(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # 2-D dots: XLA:CPU runs the backward of [B, T, d] dots ~3x slower
         y = dot(x, kernel, self.dtype) + bias
+        reduce = spec.segments if spec is not None and isinstance(spec.segments, BlockSums) else None
         if self.has_variable("lora", "A"):
             a, b = self.get_variable("lora", "A"), self.get_variable("lora", "B")
+            b_fwd = b if reduce is None else b * reduce.scale
             if a.ndim == 2:
-                y = y + dot(dot(x, a.T, self.dtype), b.T, self.dtype)
+                y = y + dot(dot(x, a.T, self.dtype), b_fwd.T, self.dtype)
             else:  # per block: [G, rows/G, d_in] @ [G, d_in, r] @ [G, r, d_out]
                 xb = x.reshape(a.shape[0], -1, x.shape[-1])
-                y = y + dot(dot(xb, a.swapaxes(-1, -2), self.dtype), b.swapaxes(-1, -2), self.dtype).reshape(y.shape)
-        if spec is not None:
+                y = y + dot(dot(xb, a.swapaxes(-1, -2), self.dtype), b_fwd.swapaxes(-1, -2),
+                            self.dtype).reshape(y.shape)
+        elif reduce is not None:
+            raise ValueError("BlockSums needs per-block LoRA factors (the reduction uses each block's own)")
+        if reduce is not None:
+            grams = block_grams(x, spec, a.shape[0])
+            finite = jnp.all(jnp.isfinite(grams.reshape(grams.shape[0], -1)), axis=1)
+            self.sow("grams", "gram", (reduce.fn({"A": a, "B": b}, grams), finite), init_fn=lambda: None,
+                     reduce_fn=lambda acc, g: g)
+        elif spec is not None:
             self.sow("grams", "gram", layer_gram(x, spec), init_fn=lambda: 0.0, reduce_fn=lambda acc, g: acc + g)
         return y.reshape(*lead, self.features)
 

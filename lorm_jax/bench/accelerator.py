@@ -182,7 +182,7 @@ def round_config(size: Mapping, rank: int, dtype: str, seed: int = 0, paper: str
     return c
 
 
-PHASES = {"train": "train", "grams": "grams", "merge_round": "merge"}  # compiled stage (rounds.STAGES) -> phase
+PHASES = {"train": "train", "sums": "grams", "merge_round": "merge"}  # compiled stage (rounds.STAGES) -> phase
 
 
 def timed_round(setup, state: dict, task: int = 0, rnd: int = 0) -> tuple[dict, dict, dict]:
@@ -494,7 +494,7 @@ def dry_run(size_name: str, ranks=None, dtypes=None, log: Callable[[str], None] 
     sizes = [len(p) for p in setup.partitions[0]]
     report = {"size": size_name, "lines": [(r, d) for r in ranks for d in dtypes], "client_sizes": sizes,
             "lanes": setup.schedule.lanes, "lane_steps": setup.schedule.num_steps,
-            "gram_batches": setup.schedule.gram_packed[0]["num_batches"],
+            "gram_batches": plan.round_waves(setup, 0, 0)[0].gram["num_batches"],
             "lora_layers": len(setup.backbone.lora_shapes), "build_s": built.seconds,
             "flops_per_image": {r: vit_flops(**size["backbone"], rank=r, num_classes=size["classes"]) for r in ranks}}
     log(json.dumps(report, indent=1, default=str))

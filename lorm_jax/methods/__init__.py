@@ -20,7 +20,7 @@ linear_probe   head only             —                                        
 Every method merges the head with RegMean (``config.head_merge = "regmean"``, LORM_SPEC §7) or FedAvg ("fedavg"); the
 backbone Grams are diagonal or full according to ``config.alpha_backbone`` (0 = diagonal).
 """
-from lorm_jax.methods.base import Merges, Method, compile_merges  # noqa: F401  (the interface, re-exported)
+from lorm_jax.methods.base import Merges, Method, Statistics, compile_merges  # noqa: F401  (the interface)
 from lorm_jax.methods.centralized import Centralized
 from lorm_jax.methods.fedavg_lora import FedAvgLoRA
 from lorm_jax.methods.linear_probe import LinearProbe

@@ -1,37 +1,47 @@
-"""The method interface: what a federated method decides, as a typed protocol.
+"""The method interface: what a federated method decides, as a typed protocol, and the statistics a pass sums for it.
 
-The engine (:mod:`lorm_jax.rounds`) owns local training, Gram statistics, evaluation and checkpoints; a method only
-says which LoRA factor(s) clients train in a round, how the server merges what they send, how finished tasks are merged
-into the evaluation model, and what crosses the network. Shapes (K clients, T task slots, C classes, F features)::
+The engine (:mod:`lorm_jax.rounds`) owns local training, Gram statistics, evaluation and checkpoints; a method says
+which LoRA factor(s) clients train in a round, which **sums over clients** its server merge needs, how it merges from
+those sums, how finished tasks are merged into the evaluation model, and what crosses the network. The merges read
+only sums over clients (the normal equations of a closed-form merge, weighted sums for FedAvg), so the engine
+accumulates them while the clients finish (:class:`Statistics`, :mod:`lorm_jax.federated`) and never holds every
+client's Grams at once. Shapes (K clients or U units, T task slots, C classes, F features)::
 
+    factors       {"A": [U, r, d_in], "B": [U, d_out, r]}          one layer's factors per unit: a client, or a block
+    grams         [U, d_in] or [U, d_in, d_in]                      of a client's examples (sums linear in the Grams)
     client_lora   {path: {"A": [K, r, d_in], "B": [K, d_out, r]}}   the clients' LoRA after local training
-    grams         {path: [K, d_in] or [K, d_in, d_in]}              each client's Gram of the layer inputs
     client_heads  {"w": [K, C, F], "b": [K, C]}, head_grams [K, F] or [K, F, F]
-    num_samples   [K] float32 weights: a client's sample count, 0 for a client left out of the merge
-    task_rows     [C] bool, the current task's head rows;  server_head {"w": [C, F], "b": [C]}
+    weights       [K] float32: n_k / N, a client's share of the round's samples (0: left out of the merge)
+    sums          {"layers": {path: {"gram": Σ G, "merge": layer_sums, ...}}, "clients": {"head_gram": Σ G_head,
+                  "merge": client_sums}, "samples": {"planned": N, "included": Σ n_k of the clients merged}}
+    task_rows     [C] bool, the current task's head rows;  server_lora, server_head: the state the round started from
     past_b, past_a  {path: [T, d_out, r]}, {path: [T, r, d_in]};  task_grams {path: [T, d_in(, d_in)]}
 
 A runnable example: FedAvg of both factors and of the head, tasks merged by the mean of their deltas ::
 
     >>> import dataclasses
     >>> from lorm_jax import methods
-    >>> from lorm_jax.methods import common
+    >>> from lorm_jax.methods import base, common
     >>> @dataclasses.dataclass(frozen=True)
-    ... class PlainFedAvg:
+    ... class PlainFedAvg(base.PerClientMerge):
     ...     name: str = "plain_fedavg"
     ...     task_grams: bool = False
     ...     def train_factor(self, round_idx):
     ...         return "AB"
-    ...     def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows,
-    ...                     server_head):
-    ...         head = common.merge_head(client_heads, head_grams, num_samples, task_rows, server_head, how="fedavg")
-    ...         return common.fedavg_lora(client_lora, num_samples, factor), head
+    ...     def layer_sums(self, factors, grams, factor):
+    ...         return ()                                   # no Grams needed
+    ...     def client_sums(self, client_lora, client_heads, head_grams, weights, factor):
+    ...         return {"lora": common.fedavg_sums(client_lora, weights, factor),
+    ...                 "head": common.head_sums(client_heads, head_grams, weights, "fedavg")}
+    ...     def merge_sums(self, sums, factor, task_rows, server_lora, server_head):
+    ...         head = common.head_from_sums(sums, task_rows, server_head, how="fedavg")
+    ...         return common.fedavg_from_sums(sums, factor, server_lora), head
     ...     def merge_tasks(self, past_b, past_a, task_grams, num_tasks):
     ...         return common.mean_task_deltas(past_b, past_a, num_tasks)
     ...     def uploads(self, factor):
     ...         return common.uploads(factor, backbone_grams=False, head_merge="fedavg")
-    ...     def downloads(self, round_idx):
-    ...         return common.downloads(self, round_idx)
+    ...     def downloads(self, round_idx, last=None):
+    ...         return common.downloads(self, round_idx, last)
     >>> isinstance(PlainFedAvg(), methods.Method)
     True
     >>> import jax.numpy as jnp
@@ -45,7 +55,10 @@ A runnable example: FedAvg of both factors and of the head, tasks merged by the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
 
 from lorm_jax import merging
 
@@ -69,18 +82,21 @@ class Method(Protocol):
           "A", "B", "AB", or "" (no LoRA factor trains; the head always does).
         """
 
-    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor: str, task_rows,
-                    server_head):
-        """The server merge after a round (traced under ``jax.jit``; ``factor`` is static).
+    def layer_sums(self, factors: dict, grams, factor: str) -> Any:
+        """One LoRA layer's sums over units (clients, or blocks of their examples) that the round merge needs, each
+        **linear in the Grams** (so summing over blocks, waves and devices gives the sums over clients); a pytree
+        (``()`` when the merge needs no Grams). Traced; ``factor`` static."""
 
-        Args:
-          client_lora, grams, client_heads, head_grams, num_samples, task_rows, server_head: as in the module docstring;
-            a client with ``num_samples == 0`` must not influence the result.
-          factor: :meth:`train_factor` of this round.
+    def client_sums(self, client_lora, client_heads, head_grams, weights, factor: str) -> Any:
+        """The round merge's other sums over clients (head Gram sums, FedAvg sums ``Σ_k w_k x_k``): a pytree, summed
+        over the clients of every wave (``weights`` [K]: n_k / N of the round). Traced; ``factor`` static."""
+
+    def merge_sums(self, sums: dict, factor: str, task_rows, server_lora, server_head):
+        """The server merge of a round from its ``sums`` (module docstring; traced under ``jax.jit``).
 
         Returns:
           ``(lora {path: {"A": [r, d_in], "B": [d_out, r]}}, head {"w": [C, F], "b": [C]})``, the new server state;
-          head rows outside ``task_rows`` unchanged.
+          factors that did not train and head rows outside ``task_rows`` are the server's.
         """
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks) -> dict:
@@ -94,13 +110,83 @@ class Method(Protocol):
     def uploads(self, factor: str) -> tuple[str, ...]:
         """What one client sends after a round that trained ``factor`` (vocabulary: :mod:`lorm_jax.methods.common`)."""
 
-    def downloads(self, round_idx: int) -> tuple[str, ...]:
-        """What one client receives before round ``round_idx`` of a task."""
+    def downloads(self, round_idx: int, last: int | None = None) -> tuple[str, ...]:
+        """What one client receives before round ``round_idx`` of a task, when the last round of the task it took
+        part in was ``last`` (default: the round before; -1: none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """What a pass over clients sums, per LoRA layer and over the clients (a static argument of the compiled pass:
+    equal instances share one program). ``method`` None: the Gram sums only (the end of a task).
+
+    layer(factors, grams) -> {"gram": Σ_u G_u, "merge": method.layer_sums, "residual": merging.residual_sums}
+    clients(client_lora, client_heads, head_grams, weights) -> {"head_gram": Σ_k G_k^head, "merge": client_sums}
+    """
+    method: Method | None = None
+    factor: str = ""
+    residuals: bool = False   # the merge diagnostics' sums (metrics.merge_diagnostics)
+    dtype: str = "float32"
+
+    def layer(self, factors: dict, grams) -> dict:
+        out = {"gram": merging.client_sum(grams)}
+        if self.method is not None:
+            out["merge"] = self.method.layer_sums(factors, grams, self.factor)
+        if self.residuals:
+            out["residual"] = merging.residual_sums(factors["B"], factors["A"], grams, dtype=jnp.dtype(self.dtype))
+        return out
+
+    def clients(self, client_lora, client_heads, head_grams, weights) -> dict:
+        out = {"head_gram": merging.client_sum(head_grams)}
+        if self.method is not None:
+            out["merge"] = self.method.client_sums(client_lora, client_heads, head_grams, weights, self.factor)
+        return out
+
+    def from_clients(self, client_lora, grams, client_heads, head_grams, num_samples) -> dict:
+        """The sums of clients given whole (``[K, ...]`` arrays, every excluded client finite with weight 0): layers
+        of one shape in one vmapped body for diagonal Grams, layer by layer for full ones (:func:`merging.map_layers`);
+        ``grams`` / ``head_grams`` may be None (a method that needs none)."""
+        num_samples = jnp.asarray(num_samples, jnp.float32)
+        out = {"samples": {"planned": num_samples.sum(), "included": num_samples.sum()}}
+        if grams is not None:
+            grams = {p: grams[p] for p in client_lora}
+            out["layers"] = merging.map_layers(self.layer, client_lora, grams,
+                                               sequential=any(g.ndim == 3 for g in grams.values()))
+        weights = merging.fedavg_weights(num_samples)
+        if head_grams is None:
+            out["clients"] = {"merge": self.method.client_sums(client_lora, client_heads, None, weights, self.factor)}
+        else:
+            out["clients"] = self.clients(client_lora, client_heads, head_grams, weights)
+        return out
+
+
+def sample_scale(sums: dict) -> jax.Array:
+    """``N / N_included``: FedAvg sums are ``Σ_k (n_k / N) x_k`` over a round's planned samples N; clients left out
+    after their wave was summed (non-finite) make the included total smaller. Exactly 1 when nobody was."""
+    planned, included = sums["samples"]["planned"], sums["samples"]["included"]
+    return jnp.where(included > 0, planned / jnp.where(included > 0, included, 1), 0).astype(jnp.float32)
+
+
+class PerClientMerge:
+    """``merge_round`` from per-client arrays (the whole round at once) for a method that declares its sums."""
+
+    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor: str, task_rows,
+                    server_head):
+        """The server merge after a round from every client's arrays (module docstring; traced under ``jax.jit``):
+        :meth:`Method.merge_sums` of the clients' sums. A client with ``num_samples == 0`` (and zero Grams, as the
+        engine leaves an excluded client) does not influence the result, even when its arrays are not finite."""
+        from lorm_jax.methods import common
+        num_samples = jnp.asarray(num_samples, jnp.float32)
+        client_lora = common.keep_included(client_lora, num_samples)
+        client_heads = common.keep_included(client_heads, num_samples)
+        sums = Statistics(self, factor).from_clients(client_lora, grams, client_heads, head_grams, num_samples)
+        server_lora = {p: {k: x[0] for k, x in f.items()} for p, f in client_lora.items()}  # the frozen factor
+        return self.merge_sums(sums, factor, task_rows, server_lora, server_head)
 
 
 @dataclasses.dataclass(frozen=True)
 class Merges:
-    """A method's server merges, compiled: ``round`` = :meth:`Method.merge_round` (one program per trained factor)
+    """A method's server merges, compiled: ``round`` = :meth:`Method.merge_sums` (one program per trained factor)
     and ``tasks`` = :meth:`Method.merge_tasks` (one program per run: the task count is traced)."""
     round: Callable
     tasks: Callable
@@ -110,5 +196,5 @@ def compile_merges(method: Method) -> Merges:
     """:class:`Merges` of ``method``, jitted (eager merges dispatch hundreds of small ops per round) with the eigh
     pseudo-inverse kept out of the programs that run every round (:func:`lorm_jax.merging.fast_first`: compiled only
     when a numerically singular Gram needs it)."""
-    return Merges(round=merging.fast_first(method.merge_round, static_argnames=("factor",)),
+    return Merges(round=merging.fast_first(method.merge_sums, static_argnames=("factor",)),
                   tasks=merging.fast_first(method.merge_tasks))

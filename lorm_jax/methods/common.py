@@ -1,4 +1,5 @@
-"""Pieces the strategies share: the head merge, leaving excluded clients out, cross-task merges, payload declarations.
+"""Pieces the strategies share: the head merge, FedAvg and LoRM sums and merges, leaving excluded clients out,
+cross-task merges, payload declarations.
 
 Payload vocabulary (what the communication ledger, :mod:`lorm_jax.ledger`, sizes from the actual arrays):
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merging
+from lorm_jax.methods import base
 
 HEAD_MERGES = ("regmean", "fedavg")
 
@@ -42,28 +44,73 @@ def keep_included(tree, weights: jax.Array):
     return jax.tree.map(fix, tree)
 
 
-def merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype=jnp.float32, how="regmean"):
-    """Server merge of the head; rows outside ``task_rows`` [C] are copied from ``server_head``.
-
-    how = "regmean":  W = (Σ_k W_k G̃_k^head)(Σ_k G̃_k^head)^+   (LORM_SPEC §7)
-    how = "fedavg":   W = Σ_k n_k W_k / Σ_k n_k
-    The bias is always the sample-weighted mean ``Σ_k n_k b_k / Σ_k n_k``. client_heads: w [K, C, F], b [K, C].
-    """
-    client_heads = keep_included(client_heads, num_samples)
+def head_sums(client_heads, head_grams, weights, how: str = "regmean", dtype=jnp.float32) -> dict:
+    """The head merge's sums over clients: ``w``: the RegMean system ``(Σ_k W_k G̃_k^head, Σ_k G̃_k^head)``
+    (``how = "regmean"``) or ``Σ_k w_k W_k`` ("fedavg"); ``b``: ``Σ_k w_k b_k``. client_heads w [K, C, F], b [K, C],
+    weights [K] = n_k / N."""
     if check_head_merge(how) == "regmean":
-        w = merging.regmean(client_heads["w"], head_grams, dtype=dtype)
+        w = merging.regmean_system(client_heads["w"], head_grams, dtype=dtype)
     else:
-        w = merging.fedavg(client_heads["w"], num_samples)
-    b = merging.fedavg(client_heads["b"], num_samples)
+        w = merging.weighted_sum(client_heads["w"], weights)
+    return {"w": w, "b": merging.weighted_sum(client_heads["b"], weights)}
+
+
+def head_from_sums(sums: dict, task_rows, server_head, dtype=jnp.float32, how: str = "regmean") -> dict:
+    """The merged head from ``sums["clients"]["merge"]["head"]`` (:func:`head_sums`); rows outside ``task_rows``
+    [C] are copied from ``server_head``::
+
+        how = "regmean":  W = (Σ_k W_k G̃_k^head)(Σ_k G̃_k^head)^+   (LORM_SPEC §7)
+        how = "fedavg":   W = Σ_k n_k W_k / Σ_k n_k
+        b = Σ_k n_k b_k / Σ_k n_k
+    """
+    s, scale = sums["clients"]["merge"]["head"], base.sample_scale(sums)
+    w = merging.solve_gram(*s["w"], dtype=dtype) if check_head_merge(how) == "regmean" else s["w"] * scale
+    b = s["b"] * scale
     return {"w": jnp.where(task_rows[:, None], w, server_head["w"]), "b": jnp.where(task_rows, b, server_head["b"])}
+
+
+def merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype=jnp.float32, how="regmean"):
+    """Server merge of the head from every client's head (:func:`head_from_sums` of their :func:`head_sums`); rows
+    outside ``task_rows`` [C] are copied from ``server_head``. client_heads: w [K, C, F], b [K, C]."""
+    client_heads = keep_included(client_heads, num_samples)
+    num_samples = jnp.asarray(num_samples, jnp.float32)
+    sums = {"clients": {"merge": {"head": head_sums(client_heads, head_grams, merging.fedavg_weights(num_samples),
+                                                    how, dtype)}},
+            "samples": {"planned": num_samples.sum(), "included": num_samples.sum()}}
+    return head_from_sums(sums, task_rows, server_head, dtype, how)
+
+
+def fedavg_sums(client_lora, weights, factor: str) -> dict:
+    """``{path: {name: Σ_k w_k x_k}}`` for the trained factor(s) ``name in factor``; weights [K] = n_k / N."""
+    return {p: {name: merging.weighted_sum(x, weights) for name, x in f.items() if name in factor}
+            for p, f in client_lora.items()}
+
+
+def fedavg_from_sums(sums: dict, factor: str, server_lora) -> dict:
+    """The FedAvg of the trained ``factor`` ("A", "B" or "AB") from ``sums["clients"]["merge"]["lora"]``
+    (:func:`fedavg_sums`); the other factor is the server's (identical on every client)."""
+    s, scale = sums["clients"]["merge"]["lora"], base.sample_scale(sums)
+    return {p: {name: s[p][name] * scale if name in factor else x.astype(jnp.float32) for name, x in f.items()}
+            for p, f in server_lora.items()}
 
 
 def fedavg_lora(client_lora, num_samples, factor: str) -> dict:
     """Sample-weighted FedAvg of the trained ``factor`` ("A", "B" or "AB"); the others pass through from a client
     (they are the server's, identical on every client). client_lora {path: {"A": [K, r, d_in], "B": [K, d_out, r]}}."""
     client_lora = keep_included(client_lora, num_samples)
-    return {p: {name: merging.fedavg(x, num_samples) if name in factor else x[0].astype(jnp.float32)
-                for name, x in f.items()} for p, f in client_lora.items()}
+    num_samples = jnp.asarray(num_samples, jnp.float32)
+    sums = {"clients": {"merge": {"lora": fedavg_sums(client_lora, merging.fedavg_weights(num_samples), factor)}},
+            "samples": {"planned": num_samples.sum(), "included": num_samples.sum()}}
+    return fedavg_from_sums(sums, factor, {p: {k: x[0] for k, x in f.items()} for p, f in client_lora.items()})
+
+
+def lora_from_sums(sums: dict, factor: str, server_lora, dtype=jnp.float32) -> dict:
+    """LoRM's merge of the trained ``factor`` ("A" or "B"): every layer's normal equations
+    ``sums["layers"][path]["merge"]`` (:func:`lorm_jax.merging.lora_system`) solved, one stacked solve per Gram shape
+    (:func:`lorm_jax.merging.solve_systems`); the other factor is the server's."""
+    kept = "B" if factor == "A" else "A"
+    solved = merging.solve_systems({p: s["merge"] for p, s in sums["layers"].items()}, dtype=dtype)
+    return {p: {factor: solved[p], kept: server_lora[p][kept].astype(jnp.float32)} for p in sums["layers"]}
 
 
 def _finished_only(x: jax.Array, num_tasks) -> jax.Array:
@@ -104,8 +151,11 @@ def uploads(factor: str, backbone_grams: bool, head_merge: str) -> tuple[str, ..
             + (("head_gram",) if head_merge == "regmean" else ()) + ("num_samples",))
 
 
-def downloads(method, round_idx: int) -> tuple[str, ...]:
-    """What a client receives before round ``round_idx``: the whole fresh LoRA at a task's start, afterwards only the
-    factor(s) merged in the previous round (the others did not change), and the current task's head rows."""
-    changed = "AB" if round_idx == 0 else method.train_factor(round_idx - 1)
+def downloads(method, round_idx: int, last: int | None = None) -> tuple[str, ...]:
+    """What a client receives before round ``round_idx`` of a task: the task's head rows and the LoRA factor(s) the
+    server merged since the start of ``last``, the last round of the task the client took part in (default: the round
+    before; -1 or a task's first round: none, so the whole fresh LoRA). Every client keeps what it received."""
+    last = round_idx - 1 if last is None else last
+    changed = "AB" if round_idx == 0 or last < 0 else "".join(
+        sorted(set("".join(method.train_factor(r) for r in range(last, round_idx)))))
     return tuple(changed) + ("head",)

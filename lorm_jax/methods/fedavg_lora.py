@@ -19,11 +19,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lorm_jax.methods import common
+from lorm_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
-class FedAvgLoRA:
+class FedAvgLoRA(base.PerClientMerge):
     """``factor``: "AB" (FedAvg-LoRA) or "B" (FFA-LoRA)."""
     factor: str = "AB"
     merge_dtype: str = "float32"
@@ -39,17 +39,25 @@ class FedAvgLoRA:
     def train_factor(self, round_idx: int) -> str:
         return self.factor
 
-    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
-        """FedAvg of the trained factor(s) over clients ([K, ...] inputs, ``num_samples`` [K]); Grams unused."""
-        lora = common.fedavg_lora(client_lora, num_samples, factor)
-        return lora, common.merge_head(client_heads, head_grams, num_samples, task_rows, server_head,
-                                       jnp.dtype(self.merge_dtype), self.head_merge)
+    def layer_sums(self, factors, grams, factor):
+        return ()  # no Grams: plain averages
+
+    def client_sums(self, client_lora, client_heads, head_grams, weights, factor):
+        """``Σ_k (n_k / N) x_k`` of the trained factor(s) and the head's sums (weights [K] = n_k / N)."""
+        return {"lora": common.fedavg_sums(client_lora, weights, factor),
+                "head": common.head_sums(client_heads, head_grams, weights, self.head_merge,
+                                         jnp.dtype(self.merge_dtype))}
+
+    def merge_sums(self, sums, factor, task_rows, server_lora, server_head):
+        """FedAvg of the trained factor(s) over clients; the head as configured."""
+        return common.fedavg_from_sums(sums, factor, server_lora), common.head_from_sums(
+            sums, task_rows, server_head, jnp.dtype(self.merge_dtype), self.head_merge)
 
     def uploads(self, factor: str) -> tuple[str, ...]:
         return common.uploads(factor, False, self.head_merge)
 
-    def downloads(self, round_idx: int) -> tuple[str, ...]:
-        return common.downloads(self, round_idx)
+    def downloads(self, round_idx: int, last: int | None = None) -> tuple[str, ...]:
+        return common.downloads(self, round_idx, last)
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks: int):
         """``{path: mean_τ B_τ A_τ}`` over the first ``num_tasks`` tasks (task Grams unused)."""

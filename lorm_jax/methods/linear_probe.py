@@ -8,12 +8,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lorm_jax.methods import common
-from lorm_jax.methods.common import merge_head
+from lorm_jax.methods import base, common
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearProbe:
+class LinearProbe(base.PerClientMerge):
     merge_dtype: str = "float32"
     name: str = "linear_probe"
     head_merge: str = "regmean"
@@ -25,15 +24,22 @@ class LinearProbe:
     def train_factor(self, round_idx: int) -> str:
         return ""  # no LoRA factor trains
 
-    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
-        lora = {p: {"A": f["A"][0], "B": f["B"][0]} for p, f in client_lora.items()}
-        return lora, merge_head(client_heads, head_grams, num_samples, task_rows, server_head,
-                                jnp.dtype(self.merge_dtype), self.head_merge)
+    def layer_sums(self, factors, grams, factor):
+        return ()
+
+    def client_sums(self, client_lora, client_heads, head_grams, weights, factor):
+        return {"head": common.head_sums(client_heads, head_grams, weights, self.head_merge,
+                                         jnp.dtype(self.merge_dtype))}
+
+    def merge_sums(self, sums, factor, task_rows, server_lora, server_head):
+        lora = {p: {k: x.astype(jnp.float32) for k, x in f.items()} for p, f in server_lora.items()}
+        return lora, common.head_from_sums(sums, task_rows, server_head, jnp.dtype(self.merge_dtype),
+                                           self.head_merge)
 
     def uploads(self, factor: str) -> tuple[str, ...]:
         return common.uploads("", False, self.head_merge)
 
-    def downloads(self, round_idx: int) -> tuple[str, ...]:
+    def downloads(self, round_idx: int, last: int | None = None) -> tuple[str, ...]:
         return ("head",)  # the LoRA is never used: B = 0
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks: int):

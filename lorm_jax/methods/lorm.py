@@ -17,12 +17,12 @@ import dataclasses
 import jax.numpy as jnp
 
 from lorm_jax import merging
-from lorm_jax.methods import common
+from lorm_jax.methods import base, common
 from lorm_jax.methods.common import merge_head  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRM:
+class LoRM(base.PerClientMerge):
     """The LoRM strategy. ``factor``: "alt" (the paper: B, A, B, …), "A" or "B" (train only that factor)."""
     factor: str = "alt"
     merge_dtype: str = "float32"
@@ -41,22 +41,30 @@ class LoRM:
             return "B" if round_idx % 2 == 0 else "A"
         return self.factor
 
-    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
-        """Server merge after a round. Client-stacked inputs have a leading K axis; ``num_samples`` [K] weights the bias
-        (a client with 0 samples has zero Grams and weight, so it drops out of every merge).
+    def layer_sums(self, factors, grams, factor):
+        """The normal equations of the trained factor's merge (:func:`lorm_jax.merging.lora_system`): A-round
+        ``(Σ_k A_k G̃_k, Σ_k G̃_k)``, B-round ``(Σ_k B_k A G̃_k Aᵀ, Σ_k A G̃_k Aᵀ)``."""
+        return merging.lora_system(factors, grams, factor, dtype=jnp.dtype(self.merge_dtype)) if factor else ()
+
+    def client_sums(self, client_lora, client_heads, head_grams, weights, factor):
+        return {"head": common.head_sums(client_heads, head_grams, weights, self.head_merge,
+                                         jnp.dtype(self.merge_dtype))}
+
+    def merge_sums(self, sums, factor, task_rows, server_lora, server_head):
+        """Server merge after a round: the trained factor's systems solved, the head merged (module docstring).
 
         Head rows outside ``task_rows`` [C] (bool) are identical on every client, so the exact merge returns them
         unchanged; they are copied from ``server_head`` to avoid float32 round-off drift across rounds.
         """
         dtype = jnp.dtype(self.merge_dtype)
-        lora = merging.merge_lora_tree(common.keep_included(client_lora, num_samples), grams, factor, dtype=dtype)
-        return lora, merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype, self.head_merge)
+        lora = common.lora_from_sums(sums, factor, server_lora, dtype)
+        return lora, common.head_from_sums(sums, task_rows, server_head, dtype, self.head_merge)
 
     def uploads(self, factor: str) -> tuple[str, ...]:
         return common.uploads(factor, True, self.head_merge)
 
-    def downloads(self, round_idx: int) -> tuple[str, ...]:
-        return common.downloads(self, round_idx)
+    def downloads(self, round_idx: int, last: int | None = None) -> tuple[str, ...]:
+        return common.downloads(self, round_idx, last)
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks: int):
         """Dense evaluation deltas ``{path: [d_out, d_in]}`` from the first ``num_tasks`` finished tasks.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merging
-from lorm_jax.methods import common
+from lorm_jax.methods import base, common
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -45,13 +45,14 @@ def regmean_rank_r(b: jax.Array, a: jax.Array, grams: jax.Array, rank: int, *, d
     b [K, d_out, r_k], a [K, r_k, d_in], grams [K, d_in(, d_in)]. ``A`` has orthonormal rows (QR of the right factor),
     ``B A`` equals ``[E G^{+1/2}]_r G^{+1/2}`` with ``E = Σ_k B_k A_k G_k``, ``G = Σ_k G_k``.
     """
+    return rank_r_from_system(*merging.regmean_lowrank_system(b, a, grams, dtype=dtype), rank, dtype=dtype)
+
+
+def rank_r_from_system(e: jax.Array, gram: jax.Array, rank: int, *, dtype=None):
+    """:func:`regmean_rank_r` from the sums ``E = Σ_k B_k A_k G_k`` [d_out, d_in] and ``G = Σ_k G_k``."""
     dtype = jnp.dtype(dtype or jnp.float32)
-    b, a, grams = b.astype(dtype), a.astype(dtype), grams.astype(dtype)
-    if merging.is_diagonal(grams):
-        e = jnp.einsum("kor,krd,kd->od", b, a, grams, precision=HIGHEST)
-    else:
-        e = jnp.einsum("kor,krd,kde->oe", b, a, grams, precision=HIGHEST)
-    root = _inv_sqrt(merging.client_sum(grams))
+    e, gram = e.astype(dtype), gram.astype(dtype)
+    root = _inv_sqrt(gram)
     mul = (lambda x: x * root) if root.ndim == 1 else (lambda x: jnp.matmul(x, root, precision=HIGHEST))
     u, s, vt = jnp.linalg.svd(mul(e), full_matrices=False)
     left, right = u[:, :rank] * s[:rank], mul(vt[:rank])  # ΔW_r = left @ right
@@ -60,7 +61,7 @@ def regmean_rank_r(b: jax.Array, a: jax.Array, grams: jax.Array, rank: int, *, d
 
 
 @dataclasses.dataclass(frozen=True)
-class RegMeanLoRA:
+class RegMeanLoRA(base.PerClientMerge):
     merge_dtype: str = "float32"
     name: str = "regmean_lora"
     head_merge: str = "regmean"
@@ -72,25 +73,31 @@ class RegMeanLoRA:
     def train_factor(self, round_idx: int) -> str:
         return "AB"
 
-    def merge_round(self, client_lora, grams, client_heads, head_grams, num_samples, factor, task_rows, server_head):
+    def layer_sums(self, factors, grams, factor):
+        """``(Σ_k B_k A_k G̃_k, Σ_k G̃_k)`` (:func:`lorm_jax.merging.regmean_lowrank_system`)."""
+        return merging.regmean_lowrank_system(factors["B"], factors["A"], grams, dtype=jnp.dtype(self.merge_dtype))
+
+    def client_sums(self, client_lora, client_heads, head_grams, weights, factor):
+        return {"head": common.head_sums(client_heads, head_grams, weights, self.head_merge,
+                                         jnp.dtype(self.merge_dtype))}
+
+    def merge_sums(self, sums, factor, task_rows, server_lora, server_head):
         """Rank-r RegMean of every layer's product (module docstring); head as configured."""
         dtype = jnp.dtype(self.merge_dtype)
-        client_lora = common.keep_included(client_lora, num_samples)
-        rank = next(iter(client_lora.values()))["A"].shape[1]
+        rank = next(iter(server_lora.values()))["A"].shape[0]
 
-        def layer(f, g):
-            new_b, new_a = regmean_rank_r(f["B"], f["A"], g, rank, dtype=dtype)
+        def layer(system):
+            new_b, new_a = rank_r_from_system(*system, rank, dtype=dtype)
             return {"A": new_a, "B": new_b}
-        grams = {p: grams[p] for p in client_lora}
-        lora = merging.map_layers(layer, client_lora, grams, sequential=any(g.ndim == 3 for g in grams.values()))
-        return lora, common.merge_head(client_heads, head_grams, num_samples, task_rows, server_head, dtype,
-                                       self.head_merge)
+        systems = {p: s["merge"] for p, s in sums["layers"].items()}
+        lora = merging.map_layers(layer, systems, sequential=any(g.ndim == 2 for _, g in systems.values()))
+        return lora, common.head_from_sums(sums, task_rows, server_head, dtype, self.head_merge)
 
     def uploads(self, factor: str) -> tuple[str, ...]:
         return common.uploads(factor, True, self.head_merge)
 
-    def downloads(self, round_idx: int) -> tuple[str, ...]:
-        return common.downloads(self, round_idx)
+    def downloads(self, round_idx: int, last: int | None = None) -> tuple[str, ...]:
+        return common.downloads(self, round_idx, last)
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks: int):
         return common.regmean_task_deltas(past_b, past_a, task_grams, num_tasks, jnp.dtype(self.merge_dtype))
