@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import logging
 import os
 import struct
@@ -35,6 +36,7 @@ import zlib
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +242,9 @@ def read_idx(path: str) -> np.ndarray:
     trailing bytes; FileNotFoundError if the file does not exist.
     """
     try:
+        raw = epath.Path(path).read_bytes()  # a local or remote (gs://) file
         if str(path).endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = gzip.decompress(raw)
     except FileNotFoundError:
         raise
     except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
@@ -273,9 +272,9 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find_idx(data_dir: str, stem: str) -> str | None:
     for cand in (stem + ".gz", stem):
-        p = os.path.join(data_dir, cand)
-        if os.path.isfile(p):
-            return p
+        p = epath.Path(data_dir) / cand
+        if p.is_file():
+            return os.fspath(p)
     return None
 
 
@@ -326,11 +325,11 @@ def _load_fashion_mnist(data_dir: str = FASHION_MNIST_DIR) -> ArrayDataset:
 def read_lexnames(data_dir: str = WORDNET_DIR) -> tuple[str, ...]:
     """Lexicographer file names indexed by number: from ``<data_dir>/lexnames`` if present (lines
     ``NN name category``), else the embedded WordNet 3.0 list :data:`WORDNET_LEXNAMES`."""
-    path = os.path.join(data_dir, "lexnames")
-    if not os.path.isfile(path):
+    path = epath.Path(data_dir) / "lexnames"
+    if not path.is_file():
         return WORDNET_LEXNAMES
     names: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -355,7 +354,8 @@ def parse_wordnet_data(path: str, first_clause: bool = True) -> tuple[list[str],
     """
     texts: list[str] = []
     lex: list[int] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    raw = io.BytesIO(epath.Path(path).read_bytes())  # a local or remote (gs://) file, decoded as open() would
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
         for ln, line in enumerate(f, 1):
             if line.startswith("  ") or not line.strip():
                 continue
@@ -376,8 +376,8 @@ def parse_wordnet_data(path: str, first_clause: bool = True) -> tuple[list[str],
 
 def _load_wordnet(pos: Sequence[str], name: str, data_dir: str = WORDNET_DIR, test_fraction: float = 0.2,
                   seed: int = 0, first_clause: bool = True) -> ArrayDataset:
-    files = [os.path.join(data_dir, f"data.{p}") for p in pos]
-    missing = [p for p in files if not os.path.isfile(p)]
+    files = [os.fspath(epath.Path(data_dir) / f"data.{p}") for p in pos]
+    missing = [p for p in files if not epath.Path(p).is_file()]
     if missing:
         raise DatasetNotFoundError(
             f"WordNet data files not found: {', '.join(missing)}. Install them with "

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -64,6 +63,7 @@ import os
 from typing import Callable
 
 import numpy as np
+from etils import epath
 
 from lorm_jax.data import datasets as _datasets
 from lorm_jax.data.datasets import ArrayDataset, DatasetFormatError, DatasetNotFoundError
@@ -143,21 +143,20 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     Raises DatasetNotFoundError (never downloads) when there is none, saying what to run; a copy prepared in the
     TFRecord format is named as such (grain's random access needs ArrayRecord).
     """
-    base = os.path.join(os.fspath(data_dir), *tfds_name.split("/"))
+    base = epath.Path(os.fspath(data_dir)).joinpath(*tfds_name.split("/"))  # local or gs://
     hint = (_CARS_HINT if tfds_name == "cars196" else
             "Prepare it (on any machine with TensorFlow, then copy the folder): " + _BUILD_HINT[tfds_name])
     hint = hint.format(data_dir=data_dir)
-    if not os.path.isdir(data_dir):
+    if not epath.Path(os.fspath(data_dir)).is_dir():
         raise DatasetNotFoundError(f"TFDS data_dir {data_dir!r} does not exist (dataset {tfds_name}). {hint}")
-    versions = sorted((v for v in (os.listdir(base) if os.path.isdir(base) else [])
-                       if os.path.isfile(os.path.join(base, v, "dataset_info.json"))), key=_version_key)
+    versions = sorted((v.name for v in (base.iterdir() if base.is_dir() else [])
+                       if (v / "dataset_info.json").is_file()), key=_version_key)
     if not versions:
-        raise DatasetNotFoundError(f"no prepared TFDS copy of {tfds_name!r} in {base!r} (expected "
+        raise DatasetNotFoundError(f"no prepared TFDS copy of {tfds_name!r} in {str(base)!r} (expected "
                                    f"{base}/<version>/dataset_info.json). {hint}")
     version = versions[-1]
-    folder = os.path.join(base, version)
-    with open(os.path.join(folder, "dataset_info.json")) as f:
-        info = json.load(f)
+    folder = base / version
+    info = json.loads((folder / "dataset_info.json").read_text())
     fmt = info.get("fileFormat", "tfrecord")
     if fmt != "array_record":
         raise DatasetNotFoundError(
@@ -167,11 +166,11 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     for split in splits:
         if split not in have:
             raise DatasetFormatError(f"{folder}: the prepared copy has splits {sorted(have)}, not {split!r}. {hint}")
-        shards = glob.glob(os.path.join(folder, f"*-{split}.array_record-*"))
+        shards = list(folder.glob(f"*-{split}.array_record-*"))
         if not shards:
             raise DatasetNotFoundError(f"{folder}: dataset_info.json lists split {split!r} but its "
                                        f"*-{split}.array_record-* files are missing (incomplete copy?). {hint}")
-    return folder, version
+    return os.fspath(folder), version
 
 
 # ----------------------------------------------------------------------------------------------------------------------
