@@ -306,17 +306,17 @@ def _check_classes_per_task(per_task) -> None:
 
 def validate_paths(c: ml_collections.ConfigDict) -> None:
     """Files and folders the config names must exist on this machine (a config may be valid but not runnable here)."""
+    from etils import epath
     options = c.data.options
-    if "data_dir" in options and options["data_dir"] is not None and not os.path.isdir(str(options["data_dir"])):
-        _fail("data.options.data_dir", options["data_dir"], "an existing folder holding the dataset files")
-    if "manual_dir" in options and options["manual_dir"] is not None and not os.path.isdir(
-            str(options["manual_dir"])):
-        _fail("data.options.manual_dir", options["manual_dir"], "an existing folder")
+    for key in ("data_dir", "manual_dir"):
+        if options.get(key, None) is not None and not epath.Path(str(options[key])).is_dir():
+            _fail(f"data.options.{key}", options[key], "an existing folder holding the dataset files (local or "
+                                                         "gs://…)")
     path = c.backbone.options.get("path", None)
     if c.backbone.name == "vit_b16_augreg_in21k" and not path:
         _fail("backbone.options.path", path, "vit_b16_augreg_in21k needs the big_vision .npz checkpoint path")
-    if path and not os.path.isfile(str(path)):
-        _fail("backbone.options.path", path, "an existing checkpoint file")
+    if path and not epath.Path(str(path)).is_file():
+        _fail("backbone.options.path", path, "an existing checkpoint file (local or gs://…)")
 
 
 def validate_tasks(c: ml_collections.ConfigDict, num_classes: int) -> None:
@@ -476,9 +476,9 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     config = load_file(*resolve(spec))
     argv = ["lorm-jax", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
     try:
+        config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
+                                        sys_argv=argv)
         rest = fv(argv)
     except flags.IllegalFlagValueError as e:  # "flag --config.KEY=VALUE: why it does not parse"
         match = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", str(e), re.S)
