@@ -568,10 +568,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_BUILT_IN = frozenset(_REGISTRY)
+
+
 def register(name: str, loader: Callable[..., ArrayDataset], overwrite: bool = False) -> None:
-    """Add a loader ``loader(**options) -> ArrayDataset`` under ``name``."""
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"dataset {name!r} is already registered")
+    """Add a dataset: ``loader(**options) -> ArrayDataset`` (``config.data.options`` are its keyword options) under
+    ``name``, so that ``config.data.name = name`` loads it (docs/EXTENDING.md). Registering a name again replaces it
+    (a config file that registers is loaded more than once); a built-in name only with ``overwrite``."""
+    if name in _BUILT_IN and not overwrite:
+        raise ValueError(f"dataset {name!r} is built in; register yours under another name")
     _REGISTRY[name] = loader
 
 
