@@ -315,7 +315,7 @@ def validate_paths(c: ml_collections.ConfigDict) -> None:
     path = c.backbone.options.get("path", None)
     if c.backbone.name == "vit_b16_augreg_in21k" and not path:
         _fail("backbone.options.path", path, "vit_b16_augreg_in21k needs the big_vision .npz checkpoint path")
-    if path and not epath.Path(str(path)).is_file():
+    if path and not epath.Path(str(path)).exists():
         _fail("backbone.options.path", path, "an existing checkpoint file (local or gs://…)")
 
 

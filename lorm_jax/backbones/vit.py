@@ -247,7 +247,7 @@ def vit_b16_augreg_in21k(*, path=None, image_size=224, qkv="fused", compute_dtyp
         raise ValueError("vit_b16_augreg_in21k needs path=<big_vision .npz>, e.g. B_16-i21k-300ep-lr_0.001-aug_medium1-"
                          "wd_0.1-do_0.0-sd_0.0.npz from gs://vit_models/augreg/ (no pip package ships it)")
     path = os.fspath(path)
-    if not epath.Path(path).is_file():  # a local or remote (gs://) file
+    if not epath.Path(path).exists():  # a local or remote (gs://) file
         raise FileNotFoundError(f"vit_b16_augreg_in21k: checkpoint not found: {path!r} (download the big_vision "
                                 ".npz, e.g. gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-"
                                 "sd_0.0.npz)")

@@ -273,7 +273,7 @@ def read_idx(path: str) -> np.ndarray:
 def _find_idx(data_dir: str, stem: str) -> str | None:
     for cand in (stem + ".gz", stem):
         p = epath.Path(data_dir) / cand
-        if p.is_file():
+        if p.exists():
             return os.fspath(p)
     return None
 
@@ -326,7 +326,7 @@ def read_lexnames(data_dir: str = WORDNET_DIR) -> tuple[str, ...]:
     """Lexicographer file names indexed by number: from ``<data_dir>/lexnames`` if present (lines
     ``NN name category``), else the embedded WordNet 3.0 list :data:`WORDNET_LEXNAMES`."""
     path = epath.Path(data_dir) / "lexnames"
-    if not path.is_file():
+    if not path.exists():
         return WORDNET_LEXNAMES
     names: dict[int, str] = {}
     with path.open("r", encoding="utf-8") as f:
@@ -377,7 +377,7 @@ def parse_wordnet_data(path: str, first_clause: bool = True) -> tuple[list[str],
 def _load_wordnet(pos: Sequence[str], name: str, data_dir: str = WORDNET_DIR, test_fraction: float = 0.2,
                   seed: int = 0, first_clause: bool = True) -> ArrayDataset:
     files = [os.fspath(epath.Path(data_dir) / f"data.{p}") for p in pos]
-    missing = [p for p in files if not epath.Path(p).is_file()]
+    missing = [p for p in files if not epath.Path(p).exists()]
     if missing:
         raise DatasetNotFoundError(
             f"WordNet data files not found: {', '.join(missing)}. Install them with "

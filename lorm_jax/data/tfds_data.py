@@ -158,7 +158,7 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     if not epath.Path(os.fspath(data_dir)).is_dir():
         raise DatasetNotFoundError(f"TFDS data_dir {data_dir!r} does not exist (dataset {tfds_name}). {hint}")
     versions = sorted((v.name for v in (base.iterdir() if base.is_dir() else [])
-                       if (v / "dataset_info.json").is_file()), key=_version_key)
+                       if (v / "dataset_info.json").exists()), key=_version_key)
     if not versions:
         raise DatasetNotFoundError(f"no prepared TFDS copy of {tfds_name!r} in {str(base)!r} (expected "
                                    f"{base}/<version>/dataset_info.json). {hint}")
