@@ -11,13 +11,27 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def example_file() -> str:
-    """The code block after ``<!-- example: my_experiment.py -->`` in docs/EXTENDING.md."""
-    with open(os.path.join(REPO, "docs", "EXTENDING.md")) as f:
+def example_block(doc: str, name: str) -> str:
+    """The code block after ``<!-- example: NAME -->`` in the markdown file ``doc`` (relative to the repository)."""
+    with open(os.path.join(REPO, doc)) as f:
         text = f.read()
-    match = re.search(r"<!-- example: my_experiment\.py -->\n```python\n(.*?)```", text, re.S)
-    assert match, "docs/EXTENDING.md lost its example block"
+    match = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"{doc} lost its example block {name!r}"
     return match.group(1)
+
+
+def example_file() -> str:
+    return example_block("docs/EXTENDING.md", "my_experiment.py")
+
+
+@pytest.mark.slow
+def test_readme_whole_run_example(tmp_path, monkeypatch, capsys):
+    """README's "A whole run from Python", as written."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example_block("README.md", "whole run"), "README.md", "exec"), {})
+    results = json.loads((tmp_path / "runs" / "tiny_beta01" / "results.json").read_text())
+    assert results["config"]["data"]["beta"] == 0.1
+    assert str(results["final_average_accuracy"]) in capsys.readouterr().out
 
 
 @pytest.mark.slow
