@@ -48,8 +48,9 @@ class Hooks:
 
     Attributes:
       instrument: ``wrap(stage, fn) -> fn`` applied to every compiled stage (:func:`lorm_jax.rounds.instrument`).
-      after_unit: ``after_unit(unit, line)`` once unit ``unit`` is logged (``line``: its metrics) and checkpointed;
-        an exception raised there stops the run with every finished unit saved.
+      after_unit: ``after_unit(unit, line)`` once unit ``unit`` is logged (``line``: its metrics) and its checkpoint
+        is being written (committed by the time :func:`run` returns or raises); an exception raised there stops the
+        run with every finished unit saved.
     """
     instrument: Callable[[str, Callable], Callable] | None = None
     after_unit: Callable[[int, dict], None] | None = None
