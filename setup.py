@@ -19,6 +19,8 @@ REAL = ["onnx>=1.16,<2", "safetensors>=0.4,<1", "tokenizers>=0.19,<1", "scikit-l
 TFDS = ["tensorflow-datasets>=4.9.6,<5", "grain>=0.2.10,<0.3", "pillow>=10"]
 # XLA's TPU compiler (libtpu, pinned by jax's own "tpu" extra): `lorm-jax aot` compiles for TPU slices from any machine.
 TPU = ["jax[tpu]>=0.4.35,<0.11"]
+# XLA's CUDA compiler, for `lorm-jax aot --topology h100` (no GPU needed; ~5.5 GB); also what a GPU run needs.
+GPU = ["jax[cuda12]>=0.4.35,<0.11"]
 TEST = ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "onnxruntime>=1.18,<2", "ruff>=0.6"]
 
 setup(
@@ -28,6 +30,7 @@ setup(
     packages=find_packages(include=["lorm_jax", "lorm_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"real": REAL, "tfds": TFDS, "tpu": TPU, "test": TEST + REAL + TFDS + TPU},
+    extras_require={"real": REAL, "tfds": TFDS, "tpu": TPU, "gpu": GPU, "test": TEST + REAL + TFDS + TPU},
+    package_data={"lorm_jax": ["specs/*.txtpb", "specs/*.md"]},
     entry_points={"console_scripts": ["lorm-jax=lorm_jax.cli:main"]},
 )
