@@ -35,8 +35,8 @@ def measure(config_spec: str, topology: str, dtype: str, compile: bool) -> dict:
 
 
 def topology_rows(out: str, dtype: str) -> list[str]:
-    rows = ["| slice | chips (hosts) | compile s (CPU s) | merges compile s | GiB per chip (of HBM) | round s | run s | "
-            "chip-hours | train MFU | lane utilisation | bound |",
+    rows = ["| slice | chips (hosts) | compile s (CPU s) | merges compile s | GiB per chip (of HBM) | round s | "
+            "run s | chip-hours | train MFU | lane utilisation | bound |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for topology in TOPOLOGIES:
         r = measure("configs/paper/cifar100.py:0.5", topology, dtype, compile=True)
