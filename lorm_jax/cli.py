@@ -228,8 +228,8 @@ VERBS: dict[str, Verb] = {
                               bench_accelerator_main),
     "aot": Verb("compile every program of a run for a TPU slice (or this CPU) without one: compile time, memory per "
                 "chip, FLOPs, roofline time and MFU per program (lorm_jax.aot)",
-                "--config FILE[:ARG] --topology v5e:4x4|v4:2x2x2|v5p:2x2x1|v6e:4x4|cpu [--dtype bfloat16] [--json OUT] "
-                "[--config.KEY=VALUE ...]",
+                "--config FILE[:ARG] --topology v5e:4x4|v4:2x2x2|v5p:2x2x1|v6e:4x4|h100|cpu [--dtype bfloat16] "
+                "[--json OUT] [--no-compile] [--config.KEY=VALUE ...]",
                 "lorm-jax aot --config configs/paper/cifar100.py:0.5 --topology v5e:4x4", aot_main),
 }
 

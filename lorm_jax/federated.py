@@ -1,12 +1,14 @@
 """The client-side programs of a federated round, vmapped and sharded: local training in lanes, packed passes.
 
-**Local training in lanes.** The K clients of a round are bin-packed by their real step counts into P lanes
-(:func:`lorm_jax.data.batching.pack_lanes`); ``jax.vmap`` runs the P lanes side by side and each lane runs its clients
-back to back in one loop: at a client's first step the lane resets its LoRA/head to the server's and its AdamW state
-to fresh, and after every step it writes the client's parameters, loss sum and step count to the client's slot. Every
-client sees exactly its own batches, keys and step count, so its result does not depend on P or on its lane (up to the
-rounding of batched vs unbatched matmuls). A round costs ``max(longest lane)`` vmapped steps, about
-``max(S_max, ΣS/P)``, instead of K × the largest client's steps of a padded vmap.
+**Local training in lanes.** The K clients of a round are bin-packed by their work into P lanes
+(:func:`lorm_jax.data.batching.pack_lanes`); ``jax.vmap`` runs the P lanes side by side. A lane keeps a *row* per
+client (its LoRA/head and AdamW state, starting from the server's and fresh) and each of its steps packs whole local
+steps of up to M of its clients into one batch (:func:`lorm_jax.data.batching.pack_steps`): every example takes its
+client's parameters (per-example LoRA factors and head), so the frozen backbone runs once for the batch, and AdamW
+updates each client on its own. Every client sees exactly its own batches, keys and step count, in order, so its
+result does not depend on P, on its lane or on the packing (up to the rounding of batched vs unbatched matmuls). A
+round costs about ``max(S_max, Σ examples / (P·B))`` vmapped steps of B examples, instead of K × the largest client's
+steps of a padded vmap, and the partial last batches of the clients' epochs fill each other's gaps.
 
 **Packed passes.** Gram statistics and evaluation keep no per-client state, so they run over shared batches of
 client-pure blocks of examples (:func:`lorm_jax.data.batching.packed_schedule`): LoRA factors are gathered per block
@@ -23,7 +25,8 @@ order.
 
 Shapes used throughout::
 
-    lanes       {"idx", "mask": [P, T, batch], "client", "step", "slot", "first": [P, T]}   (batching.lane_schedule)
+    lanes       {"idx", "mask", "owner", "step", "position": [P, T, B], "rows", "client", "active": [P, T, M]}
+                (batching.lane_schedule)
     packed      {"idx", "mask", "step", "position": [D, NB, G, b], "block_client": [D, NB, G]}
                 (batching.packed_schedule)
     keys        [K]               one PRNG key per client (fold_in chain of seed, task, round, client, stream)
@@ -60,8 +63,8 @@ def example_keys(key: jax.Array, step, batch: int, position=None) -> jax.Array:
 class ClientPrograms:
     """The jitted, sharded client-side programs of one experiment (built once by :func:`build_client_programs`).
 
-    train(frozen, data, lora0, head0, lanes, keys, num_steps, factor_on, lr_factor, class_mask, *, num_slots)
-        -> {"lora", "head": [P, M, ...], "loss", "num_steps", "finite": [P, M]}    (see :func:`train_clients`)
+    train(frozen, data, lora0, head0, lanes, keys, num_steps, factor_on, lr_factor, class_mask, *, num_rows)
+        -> {"lora", "head": [P, R, ...], "loss", "num_steps", "finite": [P, R]}    (see :func:`train_clients`)
     grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, *, num_clients)
         -> (grams {path: [K, ...]}, head Grams [K, ...])                           (see :func:`client_grams`)
     evaluate(params, head, data, packed, num_batches, class_mask, *, num_segments)
@@ -70,7 +73,7 @@ class ClientPrograms:
     train: Callable
     grams: Callable
     evaluate: Callable
-    by_client: Callable      # ([P, M, ...] lane outputs, lane_of [K], slot_of [K]) -> [K, ...], replicated
+    by_client: Callable      # ([P, R, ...] lane outputs, lane_of [K], row_of [K]) -> [K, ...], replicated
     mesh: Any = None
     gram_block: int = 1      # examples per client-pure block of the packed Gram pass
 
@@ -92,45 +95,64 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
     # Trained parameters are float32 (float64 with a float64 compute dtype, for equivalence tests).
     param_dtype = jnp.promote_types(getattr(backbone.module, "dtype", jnp.float32), jnp.float32)
 
-    def loss_fn(params, frozen, inputs, labels, weights, class_mask):
-        features, _ = backbone.apply(frozen, params["lora"], inputs)
-        return masked_cross_entropy(head_logits(params["head"], features), labels, class_mask, weights)
+    def lane_train(frozen, data, lora0, head0, lane, keys, num_steps, factor_on, lr_factor, class_mask, num_rows):
+        """One lane: ``num_steps`` steps of ``lane`` ([T, ...] arrays, T ≥ num_steps, :func:`batching.lane_schedule`),
+        each advancing up to M of its clients by one of their own local steps.
 
-    def lane_train(frozen, data, lora0, head0, lane, keys, num_steps, factor_on, lr_factor, class_mask, num_slots):
-        """One lane: its clients back to back, ``num_steps`` steps of ``lane`` ([T, ...] arrays, T ≥ num_steps).
-
-        ``factor_on`` [2] = (A trains, B trains) as 0/1 floats: which LoRA factors move (the head always trains).
-        Returns the ``num_slots`` client slots of the lane: trained params, mean loss over real steps, step count.
+        Every client of the lane has a row: its LoRA/head and AdamW state, all starting from the server's and fresh.
+        A step gathers the rows of its M slots, each example takes its slot's parameters (per-example LoRA factors and
+        head, so the frozen backbone runs once for the whole batch), the loss is the sum of the slots' mean losses (so
+        each slot's gradient is its own client's), and AdamW updates each slot on its own (vmapped over slots) before
+        the rows are written back. ``factor_on`` [2] = (A trains, B trains) as 0/1 floats (the head always trains).
+        Returns per row: trained params, mean loss over its real steps, step count, finiteness.
         """
-        server = jax.tree.map(lambda x: x.astype(param_dtype), {"lora": lora0, "head": head0})
-        on = lora_lib.factor_mask(lora0, factor_on[0], factor_on[1])
+        # The LoRA is carried block-stacked (backbone.stack_lora): the optimizer, masks and row writes act on 2 arrays
+        # per layer kind, not 2 per layer.
+        server = jax.tree.map(lambda x: x.astype(param_dtype), {"lora": backbone.stack_lora(lora0), "head": head0})
+        on = lora_lib.factor_mask(server["lora"], factor_on[0], factor_on[1])
         tx = make_optimizer(lr_factor, lr_head, weight_decay)
-        fresh = tx.init(server)
-        dtype = param_dtype
+        num_slots = lane["rows"].shape[-1]
+
+        def slot_loss(slots, inputs, labels, owner, weights):
+            """Σ_m (mean loss of slot m's examples) and the per-slot means [M]; slots: {"lora", "head"} [M, ...]."""
+            if num_slots == 1:  # one client per step (e.g. one per lane): its parameters, shared by the batch
+                example = jax.tree.map(lambda x: x[0], slots)
+                lora = example["lora"]
+            else:  # each example with its slot's parameters, [B, ...]; LoRA [depth, B, ...]: one block per example
+                example = jax.tree.map(lambda x: x[owner], slots)
+                lora = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), example["lora"])
+            features, _ = backbone.apply(frozen, lora, inputs)
+            per_slot = masked_cross_entropy(head_logits(example["head"], features), labels, class_mask, weights,
+                                            (owner, num_slots))
+            return jnp.sum(per_slot), per_slot
 
         def step(t, carry):
-            params, opt_state, out, loss_sum, count = carry
-            idx, mask, client, s, first, slot = (jax.lax.dynamic_index_in_dim(lane[n], t, keepdims=False)
-                                                 for n in ("idx", "mask", "client", "step", "first", "slot"))
-            params, opt_state = trees.select(first, server, params), trees.select(first, fresh, opt_state)
-            inputs, labels = prepare(data, idx, example_keys(keys[client], s, idx.shape[0]), True)
-            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, inputs, labels, mask.astype(dtype), class_mask)
+            params, opt_state, loss_sum, count = carry
+            at = {n: jax.lax.dynamic_index_in_dim(lane[n], t, keepdims=False) for n in LANE_ARRAYS}
+            slots, slot_opt = jax.tree.map(lambda x: x[at["rows"]], (params, opt_state))
+            ex_keys = jax.vmap(lambda c, s, j: example_keys(keys[c], s, at["idx"].shape[0], j))(
+                at["client"][at["owner"]], at["step"], at["position"])
+            inputs, labels = prepare(data, at["idx"], ex_keys, True)
+            (_, per_slot), grads = jax.value_and_grad(slot_loss, has_aux=True)(
+                slots, inputs, labels, at["owner"], at["mask"].astype(param_dtype))
             grads = {"lora": jax.tree.map(jnp.multiply, grads["lora"], on), "head": grads["head"]}
-            updates, new_opt_state = tx.update(grads, opt_state, params)
+            updates, new_opt = jax.vmap(tx.update)(grads, slot_opt, slots)
             updates = {"lora": jax.tree.map(jnp.multiply, updates["lora"], on), "head": updates["head"]}
-            active = jnp.any(mask)
-            params = trees.select(active, optax.apply_updates(params, updates), params)
-            opt_state = trees.select(active, new_opt_state, opt_state)
-            out = jax.tree.map(lambda o, p: o.at[slot].set(p), out, params)
-            return (params, opt_state, out, loss_sum.at[slot].add(jnp.where(active, loss, 0.0)),
-                    count.at[slot].add(active.astype(jnp.int32)))
+            active = at["active"]
+            keep = lambda new, old: jax.tree.map(  # noqa: E731  (per slot: the update if the slot ran a step)
+                lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+            slots, slot_opt = keep(optax.apply_updates(slots, updates), slots), keep(new_opt, slot_opt)
+            write = lambda rows, new: rows.at[at["rows"]].set(new)  # noqa: E731  (unused slots: the scratch row)
+            params, opt_state = jax.tree.map(write, params, slots), jax.tree.map(write, opt_state, slot_opt)
+            return (params, opt_state, loss_sum.at[at["rows"]].add(jnp.where(active, per_slot, 0.0)),
+                    count.at[at["rows"]].add(active.astype(jnp.int32)))
 
-        init = (server, fresh, trees.stack_clients(server, num_slots), jnp.zeros(num_slots, dtype),
-                jnp.zeros(num_slots, jnp.int32))
-        _, _, out, loss_sum, count = jax.lax.fori_loop(0, num_steps, step, init)
-        finite = jnp.stack([jnp.all(jnp.isfinite(x.reshape(num_slots, -1)), axis=1) for x in jax.tree.leaves(out)])
-        return {"lora": out["lora"], "head": out["head"], "loss": loss_sum / jnp.maximum(count, 1),
-                "num_steps": count, "finite": jnp.all(finite, axis=0)}
+        init = (trees.stack_clients(server, num_rows), trees.stack_clients(tx.init(server), num_rows),
+                jnp.zeros(num_rows, param_dtype), jnp.zeros(num_rows, jnp.int32))
+        out, _, loss_sum, count = jax.lax.fori_loop(0, num_steps, step, init)
+        finite = jnp.stack([jnp.all(jnp.isfinite(x.reshape(num_rows, -1)), axis=1) for x in jax.tree.leaves(out)])
+        return {"lora": backbone.unstack_lora(out["lora"], axis=1), "head": out["head"],
+                "loss": loss_sum / jnp.maximum(count, 1), "num_steps": count, "finite": jnp.all(finite, axis=0)}
 
     def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, num_clients):
         """Per-client Gram sums over this device's share of the packed batches (summed over devices)."""
@@ -193,22 +215,22 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
 
     lanes_in = (None, None, None, None, 0, None, None, None, None, None)
 
-    def device_lanes(*args, num_slots):
+    def device_lanes(*args, num_rows):
         """This device's lanes, vmapped; a single lane (the CPU layout) runs without vmap: the loop's batching rule
         re-traces the whole training step until the carry's batching settles (~5 s for a ViT-S, every run)."""
-        one = functools.partial(lane_train, num_slots=num_slots)
+        one = functools.partial(lane_train, num_rows=num_rows)
         if args[4]["idx"].shape[0] == 1:
             out = one(*args[:4], jax.tree.map(lambda x: x[0], args[4]), *args[5:])
             return jax.tree.map(lambda x: x[None], out)
         return jax.vmap(one, in_axes=lanes_in)(*args)
 
-    train = on_mesh(lambda num_slots: functools.partial(device_lanes, num_slots=num_slots),
-                    [a == 0 for a in lanes_in], c, ("num_slots",))
+    train = on_mesh(lambda num_rows: functools.partial(device_lanes, num_rows=num_rows),
+                    [a == 0 for a in lanes_in], c, ("num_rows",))
     grams = on_mesh(lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
                     (False, False, False, True, False, False, False), r, ("num_clients",))
     evaluate = on_mesh(lambda num_segments: functools.partial(packed_evaluate, num_segments=num_segments),
                        (False, False, False, True, False, False), r, ("num_segments",))
-    by_client = jax.jit(lambda out, lane_of, slot_of: jax.tree.map(lambda x: x[lane_of, slot_of], out),
+    by_client = jax.jit(lambda out, lane_of, row_of: jax.tree.map(lambda x: x[lane_of, row_of], out),
                         out_shardings=sharding.replicated(mesh))
     return ClientPrograms(train=train, grams=grams, evaluate=evaluate, by_client=by_client, mesh=mesh,
                            gram_block=gram_block)
@@ -230,12 +252,12 @@ def train_call(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict
     the clients laid out in ``lanes`` (:func:`lorm_jax.data.batching.lane_schedule`), the LoRA ``factor`` ("A", "B",
     "AB" or "" for head only) and the head moving; placed on the mesh (shapes only for a mesh that is not here)."""
     mesh = programs.mesh
-    steps = sharding.put_clients({n: lanes[n] for n in ("idx", "mask", "client", "step", "first", "slot")}, mesh)
+    steps = sharding.put_clients({n: lanes[n] for n in LANE_ARRAYS}, mesh)
     shared = sharding.replicate((frozen, data, lora0, head0, keys), mesh)
     factor_on = np.asarray([float("A" in factor), float("B" in factor)], np.float32)  # traced: one program
     scalars = sharding.replicate((np.int32(lanes["num_steps"]), factor_on, np.float32(lr_factor),
                                   np.asarray(class_mask)), mesh)
-    return (*shared[:4], steps, shared[4], *scalars), {"num_slots": int(lanes["num_slots"])}
+    return (*shared[:4], steps, shared[4], *scalars), {"num_rows": int(lanes["num_rows"])}
 
 
 def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
@@ -244,7 +266,7 @@ def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: d
     "finite": [K]}`` in client order, replicated on every device (and process)."""
     args, kwargs = train_call(programs, frozen, data, lora0, head0, lanes, keys, factor, lr_factor, class_mask)
     out = programs.train(*args, **kwargs)
-    return programs.by_client(out, *sharding.replicate((lanes["lane_of"], lanes["slot_of"]), programs.mesh))
+    return programs.by_client(out, *sharding.replicate((lanes["lane_of"], lanes["row_of"]), programs.mesh))
 
 
 def grams_call(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys,
@@ -283,3 +305,4 @@ def count_correct(programs: ClientPrograms, params, head, data, packed: dict, cl
 
 
 PACKED_ARRAYS = ("idx", "mask", "step", "position", "block_client")
+LANE_ARRAYS = ("idx", "mask", "owner", "step", "position", "rows", "client", "active")

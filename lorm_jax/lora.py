@@ -71,8 +71,11 @@ def factor_mask(lora: LoRA, train_a, train_b=None) -> LoRA:
     """
     on_a = jnp.asarray(train_a, jnp.float32)
     on_b = 1.0 - on_a if train_b is None else jnp.asarray(train_b, jnp.float32)
-    return {p: {"A": jnp.broadcast_to(on_a, f["A"].shape).astype(f["A"].dtype),
-                "B": jnp.broadcast_to(on_b, f["B"].shape).astype(f["B"].dtype)} for p, f in lora.items()}
+
+    def mask(key_path, x):  # the factor is the last key: {path: {"A", "B"}} or a block-stacked nesting of them
+        on = on_a if key_path[-1].key == "A" else on_b
+        return jnp.broadcast_to(on, x.shape).astype(x.dtype)
+    return jax.tree_util.tree_map_with_path(mask, lora)
 
 
 def select_factor(lora: LoRA, factor: str) -> dict[str, jax.Array]:

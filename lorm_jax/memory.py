@@ -20,7 +20,7 @@ class MemoryPlan:
     gram_full_bytes: int     # Gram sums of one client with full [d, d] Grams (every LoRA layer + head)
     gram_diag_bytes: int     # … with diagonal [d] Grams
     gram_bytes: int          # … in the configured layout
-    lane_bytes: int          # one training lane: its client's params, optimizer state, activations, K output slots
+    lane_bytes: int          # one training lane: its clients' rows (params + AdamW moments), activations
     gram_pass_bytes: int     # the packed Gram pass: K clients' Gram sums (accumulator + update) + one batch
     shared_bytes: int        # replicated on every device: backbone params + task data
     budget_bytes: int        # usable bytes per device
@@ -110,7 +110,7 @@ def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batc
     act_gram = act_train if gram_batch_size == batch_size else activation_bytes(backbone, rank, gram_batch_size,
                                                                                 max_len)
     optimizer = 5 * params
-    lane = params + optimizer + act_train + num_clients * params
+    lane = optimizer + act_train + num_clients * 3 * params  # every client's row: parameters and AdamW's 2 moments
     gram_pass = 2 * num_clients * grams + act_gram
     budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
     per_device = max(1, (budget - shared_bytes) // lane)

@@ -149,11 +149,14 @@ def _conditioning(chol: jax.Array) -> tuple[jax.Array, jax.Array]:
     pivot = jnp.min(jnp.diagonal(chol)) ** 2
     probe = np.random.default_rng(0).standard_normal(chol.shape[0])
     u = jnp.asarray(probe / np.linalg.norm(probe), chol.dtype)
-    lam = pivot
-    for _ in range(INVERSE_ITERATIONS):
+
+    def iterate(_, carry):  # a loop, not unrolled: one pair of triangular solves to compile (TPU: ~0.5 s each)
+        lam, u = carry
         y = jax.scipy.linalg.cho_solve((chol, True), u)
         norm = jnp.linalg.norm(y)
-        lam, u = jnp.minimum(lam, 1 / norm), y / norm
+        return jnp.minimum(lam, 1 / norm), y / norm
+
+    lam, _ = jax.lax.fori_loop(0, INVERSE_ITERATIONS, iterate, (pivot, u))
     finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
     return finite(pivot), finite(lam)
 
@@ -480,23 +483,26 @@ def _any_full(grams: dict, client_axis: bool) -> bool:
 
 
 def solve_systems(systems: dict, *, dtype=None) -> dict:
-    """``{path: E_p G_p^+}`` for ``systems = {path: (E_p, G_p)}`` (full or diagonal G).
+    """``{path: E_p G_p^+}`` for ``systems = {path: (E_p [m_p, d], G_p)}`` (full or diagonal G).
 
-    Layers whose ``E`` and ``G`` have the same shapes are stacked and solved as one stack (a vmap of
-    :func:`solve_gram`, which the solver folds into one stacked solve): a model compiles one solver per layer shape,
-    not one per layer, and only the summed ``[d, d]`` Grams are stacked, never the clients' ones.
+    Layers whose ``G`` have the same shape are stacked and solved as one stack (a vmap of :func:`solve_gram`, which the
+    solver folds into one stacked solve), their ``E`` padded with zero rows to the group's largest ``m`` (the rows of
+    ``E G^+`` are independent): a model compiles one solver per Gram shape, not one per layer (LoRM's B merge: one for
+    all its r×r systems), and only the summed ``[d, d]`` Grams are stacked, never the clients' ones.
     """
     groups = collections.defaultdict(list)
     for p, (e, g) in systems.items():
-        groups[(e.shape, g.shape)].append(p)
+        groups[(e.shape[1:], g.shape)].append(p)
     out = {}
     for members in groups.values():
         if len(members) == 1:
             out[members[0]] = solve_gram(*systems[members[0]], dtype=dtype)
             continue
-        e, g = (jnp.stack([systems[p][i] for p in members]) for i in (0, 1))
+        rows = max(systems[p][0].shape[0] for p in members)
+        e = jnp.stack([jnp.pad(systems[p][0], ((0, rows - systems[p][0].shape[0]), (0, 0))) for p in members])
+        g = jnp.stack([systems[p][1] for p in members])
         x = jax.vmap(lambda e, g: solve_gram(e, g, dtype=dtype))(e, g)
-        out.update({p: x[i] for i, p in enumerate(members)})
+        out.update({p: x[i, :systems[p][0].shape[0]] for i, p in enumerate(members)})
     return {p: out[p] for p in systems}
 
 
@@ -506,8 +512,8 @@ def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) 
     client_lora: ``{path: {"A": [K, r, d_in], "B": [K, d_out, r]}}`` (the frozen factor is identical across clients);
     grams: ``{path: [K, d_in] or [K, d_in, d_in]}``. Returns the unstacked merged LoRA ``{path: {"A": [r, d_in],
     "B": [d_out, r]}}``: the trained factor merged in closed form, the frozen one passed through from client 0.
-    Diagonal Grams: layers of one shape run as one vmapped body; full Grams: each layer's sums over clients, then one
-    stacked solve per layer shape (:func:`solve_systems`).
+    Each layer's sums over clients (layers of one shape as one vmapped body for diagonal Grams; layer by layer for
+    full ones, never stacking the clients' d×d Grams), then one stacked solve per Gram shape (:func:`solve_systems`).
     """
     if factor not in ("A", "B"):
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
@@ -522,12 +528,8 @@ def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) 
             return regmean_system(f["A"], g, dtype=dtype)
         return lora_b_system(f["B"], f["A"][0], g, dtype=dtype)
 
-    def fn(f, g):
-        return {factor: solve_gram(*system(f, g), dtype=dtype), kept: f[kept][0].astype(jnp.float32)}
-
-    if not _any_full(grams, client_axis=True):
-        return map_layers(fn, client_lora, grams)
-    solved = solve_systems({p: system(f, grams[p]) for p, f in client_lora.items()}, dtype=dtype)
+    systems = map_layers(system, client_lora, grams, sequential=_any_full(grams, client_axis=True))
+    solved = solve_systems(systems, dtype=dtype)
     return {p: {factor: solved[p], kept: f[kept][0].astype(jnp.float32)} for p, f in client_lora.items()}
 
 

@@ -72,11 +72,11 @@ def gram_conditioning(stacked_grams: dict, dtype: str = "float32") -> dict:
 
 def utilization_summary(schedule, lines: list[dict]) -> dict:
     """How much of what the run computed was real work: the schedule (lanes, loop buffer, packed-pass block) and the
-    mean / min over the units of ``train_utilization`` (real client-steps / lane-steps run), ``batch_fill`` (real
-    examples / example slots of the real steps) and ``gram_utilization`` (real examples / slots of the Gram pass),
-    from the run's metric ``lines``."""
-    out = {"lanes": schedule.lanes, "loop_steps": schedule.num_steps, "slots_per_lane": schedule.num_slots - 1,
-           "gram_block": schedule.gram_block}
+    mean / min over the units of ``train_utilization`` (real examples / example slots the lanes ran), ``batch_fill``
+    (real examples / example slots of the lane steps that ran any) and ``gram_utilization`` (real examples / slots of
+    the Gram pass), from the run's metric ``lines``."""
+    out = {"lanes": schedule.lanes, "loop_steps": schedule.num_steps, "clients_per_step": schedule.num_slots,
+           "rows_per_lane": schedule.num_rows - 1, "gram_block": schedule.gram_block}
     for key in ("train_utilization", "batch_fill", "gram_utilization"):
         values = [line[key] for line in lines if key in line]
         if values:

@@ -13,7 +13,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def head_logits(head: dict, features: jax.Array) -> jax.Array:
-    """``f Wᵀ + b``: features [B, F] → logits [B, C]."""
+    """``f Wᵀ + b``: features [B, F] → logits [B, C]; a head per example (``w [B, C, F]``, ``b [B, C]``) too."""
+    if head["w"].ndim == 3:
+        return jnp.einsum("bf,bcf->bc", features, head["w"], precision=HIGHEST) + head["b"]
     return jnp.matmul(features, head["w"].T, precision=HIGHEST) + head["b"]
 
 
@@ -39,15 +41,22 @@ def init_head(key: jax.Array, num_classes: int, feature_dim: int, kind: str = "t
     return {"w": 0.02 * z, "b": jnp.zeros((num_classes,), jnp.float32)}
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array, weights: jax.Array):
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array, weights: jax.Array,
+                         segments: tuple[jax.Array, int] | None = None):
     """Mean CE over real examples with logits outside ``class_mask`` [C] removed (the reference slices them away).
 
-    Masked-out classes get exactly zero probability and gradient, so head rows of other tasks never move.
+    logits [B, C], labels [B], weights [B] (0 for padding). With ``segments = (ids [B], M)`` the batch holds M clients'
+    steps: one mean per segment, ``[M]`` (``Σ_{n∈m} w_n ℓ_n / max(Σ_{n∈m} w_n, 1)``; 0 for an empty one). Masked-out
+    classes get exactly zero probability and gradient, so head rows of other tasks never move.
     """
     logits = jnp.where(class_mask, logits, -jnp.inf)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
     nll = jnp.where(weights > 0, nll, 0.0)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    if segments is None:
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    ids, num = segments
+    total = jax.ops.segment_sum(nll * weights, ids, num_segments=num)
+    return total / jnp.maximum(jax.ops.segment_sum(weights, ids, num_segments=num), 1.0)
 
 
 def make_optimizer(lr_factor, lr_head, weight_decay: float) -> optax.GradientTransformation:

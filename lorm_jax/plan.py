@@ -50,26 +50,30 @@ class Schedule:
     """How the run lays out its client work; the partitions fix every client's step count, so all of it is known
     before the first round and every round runs the same compiled shapes.
 
-    Training: the K clients of task t run in ``lanes`` vmapped lanes, lane p running ``members[t][p]`` back to back
-    (:func:`lorm_jax.data.batching.pack_lanes`); loop buffers hold ``num_steps`` steps (the longest lane of the run)
-    and ``num_slots`` client slots per lane. Gram pass of task t: ``gram_packed[t]`` (client-pure blocks of
-    ``gram_block`` examples); evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
+    Training: the K clients of task t run in ``lanes`` vmapped lanes, lane p holding ``members[t][p]``
+    (:func:`lorm_jax.data.batching.pack_lanes`), whose local steps are packed up to ``num_slots`` clients to a lane
+    step (:func:`lorm_jax.data.batching.pack_steps`): ``lane_steps[t]`` steps per lane. Loop buffers hold
+    ``num_steps`` steps (the longest lane of the run) and ``num_rows`` client rows per lane (the most clients of a lane
+    + a scratch row). Gram pass of task t: ``gram_packed[t]`` (client-pure blocks of ``gram_block`` examples);
+    evaluation after task t: ``eval_packed[t]`` (the test sets of tasks 0..t).
     """
     lanes: int
     steps: list              # per task: [K] real local steps of each client per round
     members: list
+    lane_steps: list         # per task: [P] packed steps of each lane
     num_steps: int
     num_slots: int
+    num_rows: int
     gram_block: int
     gram_packed: list
     eval_packed: list
 
     def describe(self, batch_size: int) -> str:
         lines = [f"schedule: {self.lanes} training lane(s); loop buffers {self.num_steps} steps x {batch_size} "
-                 f"examples, {self.num_slots - 1} client slot(s) per lane"]
+                 f"examples of up to {self.num_slots} client(s), {self.num_rows - 1} client row(s) per lane"]
         for t, (steps, members, packed) in enumerate(zip(self.steps, self.members, self.gram_packed)):
-            loads = [int(sum(steps[k] for k in lane)) for lane in members]
-            lines.append(f"  task {t}: clients per lane {members}, steps per lane {loads} (sum {int(sum(steps))}); "
+            lines.append(f"  task {t}: clients per lane {members}, {int(sum(steps))} local steps packed into "
+                         f"{self.lane_steps[t]} lane steps; "
                          f"Gram pass {packed['num_batches']} packed batch(es) of "
                          f"{packed['idx'].shape[2]} x {self.gram_block} examples per device")
         p = self.eval_packed[-1]
@@ -193,8 +197,12 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     lanes = memory.choose_lanes(steps, devices=devices, platform=mesh.devices.flat[0].platform,
                                 max_lanes=plan.max_lanes, requested=c.client_lanes)
     members = [data_lib.pack_lanes(s, lanes) for s in steps]
-    num_steps = max(max(int(sum(s[k] for k in lane)) for lane in m) for s, m in zip(steps, members))
-    num_slots = 1 + max(len(lane) for m in members for lane in m)
+    num_rows = 1 + max(len(lane) for m in members for lane in m)
+    num_slots = min(c.batch_size, num_rows - 1)  # clients per lane step: at most one per example
+    sizes = [[data_lib.step_sizes(len(p), c.batch_size, c.epochs) for p in parts] for parts in partitions]
+    lane_steps = [[data_lib.lane_steps(s, [lane], c.batch_size, num_slots) for lane in m]
+                  for s, m in zip(sizes, members)]
+    num_steps = max(max(x) for x in lane_steps)
     # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
     # d×d matrix per example); diagonal Grams: one example per block, no padding at all.
     block = 1 if backbone_gram == "diag" else max(1, -(-64 // tokens_per_example(backbone, c.data.max_len)))
@@ -211,7 +219,8 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     gram_packed = packed(partitions, gram_bs, c.gram_passes, block, gram_bs)
     eval_packed = packed([task_test[:t + 1] for t in range(len(task_test))], c.eval_batch_size, 1, 1,
                          c.eval_batch_size)
-    schedule = Schedule(lanes=lanes, steps=steps, members=members, num_steps=max(num_steps, 1), num_slots=num_slots,
+    schedule = Schedule(lanes=lanes, steps=steps, members=members, lane_steps=lane_steps, num_steps=max(num_steps, 1),
+                        num_slots=num_slots, num_rows=num_rows,
                         gram_block=block, gram_packed=gram_packed, eval_packed=eval_packed)
     log.info("%s", schedule.describe(c.batch_size))
     return schedule

@@ -18,6 +18,7 @@ inject faults in tests.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from typing import Callable
@@ -47,6 +48,43 @@ def instrument(setup: Setup, wrap: Callable[[str, Callable], Callable]) -> Setup
     return dataclasses.replace(setup, programs=programs, merges=merges)
 
 
+# Where each looping program takes its loop's trip count among its arguments (federated.*_call).
+LOOP_TRIPS = {"train": 6, "grams": 5, "evaluate": 4}
+
+
+def _no_loop_trips(name: str, fn: Callable) -> Callable:
+    """``fn`` with its loop's trip count set to 0 (the same placement): the program, compiled, does no work."""
+    if name not in LOOP_TRIPS:
+        return fn
+
+    def call(*args, **kwargs):
+        args = list(args)
+        args[LOOP_TRIPS[name]] = args[LOOP_TRIPS[name]] * 0
+        return fn(*args, **kwargs)
+    return call
+
+
+def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
+    """Compile the programs the run calls before its first unit, two at a time.
+
+    A dry round of each trained factor and a dry end of task run the run's own code on ``setup`` with every loop
+    emptied (trip count 0): each program is compiled (and cached by ``jax.jit``) exactly as the run will call it, at
+    no cost but the compilation. XLA:CPU compiles a program on one thread, so local training and a task's end
+    compile side by side, then the two factors' server merges. Single-process, single-device runs only: on a mesh,
+    programs with collectives are not run from two threads at once (they compile at their first real call).
+    """
+    if sharding.mesh_size(setup.programs.mesh) != 1 or jax.process_count() != 1:
+        return
+    dry = instrument(setup, _no_loop_trips)
+    first_round = {setup.method.train_factor(r): r for r in reversed(range(setup.config.rounds))}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0),
+                       lambda: end_task(dry, state, task)],
+                      [lambda r=r: run_round(dry, state, task, r) for r in first_round.values()]):
+            for job in [pool.submit(fn) for fn in phase]:
+                job.result()
+
+
 def task_rows(setup: Setup, task: int) -> np.ndarray:
     """The head rows (classes) of task ``task``: bool [C]. Only they train and are merged in its rounds."""
     rows = np.arange(int(setup.offsets[-1]))
@@ -63,11 +101,12 @@ def lane_layout(setup: Setup, task: int, rnd: int, members: list | None = None) 
                for k, part in enumerate(setup.partitions[task])]  # per client: (idx, mask), each [1, S, batch]
     steps = schedule.steps[task]
     members = schedule.members[task] if members is None else members
-    num_slots = max(schedule.num_slots, max(len(m) for m in members) + 1)
-    num_steps = max(schedule.num_steps, max(int(sum(steps[k] for k in m)) for m in members))
+    num_rows = max(schedule.num_rows, max(len(m) for m in members) + 1)
+    sizes = [data_lib.step_sizes(len(part), c.batch_size, c.epochs) for part in setup.partitions[task]]
+    num_steps = max(schedule.num_steps, data_lib.lane_steps(sizes, members, c.batch_size, schedule.num_slots))
     return data_lib.lane_schedule([idx[0, :n] for (idx, _), n in zip(batches, steps)],
                                   [mask[0, :n] for (_, mask), n in zip(batches, steps)], members, num_steps,
-                                  num_slots)
+                                  schedule.num_slots, num_rows)
 
 
 def initial_state(setup: Setup) -> dict:
@@ -129,9 +168,10 @@ def client_training(setup: Setup, lora, head, task: int, rnd: int, members: list
     keys = rng.client_keys(c.seed, task, rnd, np.arange(c.num_clients), rng.TRAIN_STREAM)
     out = federated.train_clients(setup.programs, setup.backbone.params, setup.train, lora, head, lanes, keys,
                                   factor, lr_factor, task_rows(setup, task))
-    used = lanes["mask"].any(-1)
-    utilization = {"train_utilization": round(lanes["real_steps"] / (len(lanes["idx"]) * lanes["num_steps"]), 5),
-                   "batch_fill": round(float(lanes["mask"].sum()) / max(int(used.sum()) * c.batch_size, 1), 5)}
+    used = lanes["mask"].any(-1)  # lane steps that ran some real example
+    slots = len(lanes["idx"]) * lanes["num_steps"] * c.batch_size  # example slots the lanes' loops ran
+    utilization = {"train_utilization": round(lanes["real_examples"] / slots, 5),
+                   "batch_fill": round(lanes["real_examples"] / max(int(used.sum()) * c.batch_size, 1), 5)}
     return out, utilization
 
 

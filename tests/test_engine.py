@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, TINY, small_config
+from conftest import ONE_BLOCK, REPO, TINY, small_config
 
 from lorm_jax import continual, federated, metrics, plan, rng, rounds, testing
 from lorm_jax import data as data_lib
@@ -42,7 +42,7 @@ def test_lorm_round_with_identical_clients_returns_their_factor(setup):
     own_idx, own_mask = data_lib.client_schedule([part], c.batch_size, c.epochs, np.random.default_rng(0))
     same_keys = jnp.stack([rng.client_keys(0, 0, 0, np.arange(1), rng.TRAIN_STREAM)[0]] * K)
     lanes = data_lib.lane_schedule([own_idx[0]] * K, [own_mask[0]] * K, data_lib.pack_lanes([len(own_idx[0])] * K, 2),
-                                   num_steps=K * len(own_idx[0]), num_slots=K + 1)
+                                   num_steps=K * len(own_idx[0]), num_slots=K, num_rows=K + 1)
     packed = data_lib.packed_schedule([part] * K, c.batch_size, 1, block=1, blocks_per_batch=c.batch_size)
     state = rounds.initial_state(setup)
     rows = jnp.asarray(rounds.task_rows(setup, 0))
@@ -114,8 +114,9 @@ def test_lanes_change_nothing_in_a_run(tmp_path):
     for line in rounds:
         for key in ("train_utilization", "batch_fill", "gram_utilization"):
             assert 0 < line[key] <= 1, (key, line[key])
-    assert one["utilization"]["train_utilization"]["min"] == 1.0  # one lane: never idle
-    assert runs[3]["utilization"]["train_utilization"]["min"] < 1.0  # 4 clients of unequal size in 3 lanes
+    util = lambda r, key: r["utilization"][key]["min"]  # noqa: E731
+    assert util(one, "train_utilization") == util(one, "batch_fill")  # one lane: no lane step without examples
+    assert util(runs[3], "train_utilization") < util(runs[3], "batch_fill")  # 4 clients of unequal size in 3 lanes
 
 
 def test_workdir_with_other_config_is_refused(tmp_path):
@@ -171,3 +172,34 @@ def test_a_repeated_round_compiles_nothing():
     finally:
         logger.removeHandler(handler)
     assert not [m for m in compiled if "Finished XLA compilation" in m], compiled
+
+
+def test_warm_up_compiles_every_program_a_round_and_a_task_end_call():
+    """rounds.warm_up runs a dry round of each factor and a dry task end (loops of 0 trips) before the first unit, two
+    at a time: the real round and task end then trace (and compile) none of their programs again."""
+    setup = plan.build_setup(small_config(**ONE_BLOCK))  # its own programs: nothing compiled or traced yet
+    state = rounds.initial_state(setup)
+    rounds.warm_up(setup, state)
+    traced = []
+    listener = lambda name, secs, **_: traced.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    calls = []
+
+    def count(name, fn):
+        def call(*args, **kwargs):
+            before = len(traced)
+            out = fn(*args, **kwargs)
+            calls.append((name, len(traced) - before))
+            return out
+        return call
+
+    try:
+        watched = rounds.instrument(setup, count)
+        state, line = rounds.run_round(watched, state, 0, 0)
+        assert line["loss"] > 0  # real work: the dry run changed nothing
+        state, _ = rounds.run_round(watched, state, 0, 1)
+        rounds.end_task(watched, state, 0)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert {name for name, _ in calls} == set(rounds.STAGES)
+    assert [c for c in calls if c[1]] == [], calls

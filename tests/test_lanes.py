@@ -43,31 +43,53 @@ def test_pack_lanes_is_longest_first_and_balanced():
         batching.pack_lanes(steps, 0)
 
 
-def test_lane_schedule_lays_clients_back_to_back():
+def test_pack_steps_keeps_each_clients_order_and_fills_steps():
+    sizes = [[10, 10], [16, 4, 16, 4], [7, 7], [3, 3], [15, 15], [16, 3, 16, 3], [11, 11], [3, 3], [3, 3], [9, 9]]
+    plan = batching.pack_steps(sizes, 16, 16)
+    assert len(plan) == math.ceil(sum(map(sum, sizes)) / 16)  # 200 examples: 13 lane steps (not 24 padded ones)
+    seen = {m: [] for m in range(len(sizes))}
+    for placed in plan:
+        assert len({m for m, _, _ in placed}) == len(placed)  # at most one step of a client per lane step
+        offsets = sorted((o, o + sizes[m][s]) for m, s, o in placed)
+        assert offsets[-1][1] <= 16 and all(a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))  # no overlap
+        for m, s, _ in placed:
+            seen[m].append(s)
+    assert all(seen[m] == list(range(len(sizes[m]))) for m in seen)  # every step once, in order
+    assert len(batching.pack_steps(sizes, 16, 1)) == sum(map(len, sizes))  # one client per step: back to back
+    with pytest.raises(ValueError):
+        batching.pack_steps([[17]], 16, 2)
+
+
+def test_lane_schedule_lays_out_every_clients_steps_in_order():
     rng = np.random.default_rng(0)
     steps = [3, 0, 2, 4]
-    own = [(rng.integers(0, 99, (s, 4)).astype(np.int32), rng.random((s, 4)) < 0.8) for s in steps]
-    for m in own:
-        m[1][:, 0] = True  # every real step has a real example
+    own = [(rng.integers(0, 99, (s, 4)).astype(np.int32), rng.random((s, 4)) < 0.7) for s in steps]
+    for _, m in own:  # real examples first, at least one per step (what client_schedule lays out)
+        m.sort(axis=1)
+        m[:] = m[:, ::-1]
+        m[:, 0] = True
     lanes = batching.pack_lanes(steps, 2)
-    lay = batching.lane_schedule([o[0] for o in own], [o[1] for o in own], lanes, num_steps=7, num_slots=4)
-    assert lay["idx"].shape == (2, 7, 4) and lay["num_steps"] == max(5, 4) and lay["real_steps"] == 9
+    lay = batching.lane_schedule([o[0] for o in own], [o[1] for o in own], lanes, num_steps=7, num_slots=2, num_rows=4)
+    assert lay["idx"].shape == (2, 7, 4) and lay["rows"].shape == (2, 7, 2) and lay["real_steps"] == 9
+    assert lay["real_examples"] == sum(int(m.sum()) for _, m in own) == int(lay["mask"].sum())
+    assert lay["num_steps"] < 9  # packed: fewer lane steps than the clients' 9 local steps
     for k, (idx, mask) in enumerate(own):
-        p, m = lay["lane_of"][k], lay["slot_of"][k]
-        rows = np.flatnonzero((lay["client"][p] == k) & lay["mask"][p].any(-1))
-        assert len(rows) == steps[k]
-        np.testing.assert_array_equal(lay["idx"][p, rows], idx)
-        np.testing.assert_array_equal(lay["mask"][p, rows], mask)
-        np.testing.assert_array_equal(lay["step"][p, rows], np.arange(steps[k]))
-        assert np.all(lay["slot"][p, rows] == m)
-        if steps[k]:
-            assert lay["first"][p, rows[0]] and not lay["first"][p, rows[1:]].any()
-    assert np.all(lay["slot"][~lay["mask"].any(-1)] == 3)  # past a lane's end: the scratch slot
+        p, row = lay["lane_of"][k], lay["row_of"][k]
+        slot_of = np.where(lay["active"][p] & (lay["client"][p] == k) & (lay["rows"][p] == row))
+        times, slots = slot_of
+        assert len(times) == steps[k] and np.all(np.diff(times) > 0)  # its steps in order, one per lane step
+        for s, (t, m) in enumerate(zip(times, slots)):
+            mine = lay["mask"][p, t] & (lay["owner"][p, t] == m)
+            n = int(mask[s].sum())
+            np.testing.assert_array_equal(lay["idx"][p, t, mine], idx[s, :n])
+            assert np.all(lay["step"][p, t, mine] == s) and list(lay["position"][p, t, mine]) == list(range(n))
+    assert np.all(lay["rows"][~lay["active"]] == 3)  # unused slots: the scratch row
     with pytest.raises(ValueError, match="num_steps"):
-        batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 1, 2, 3]], num_steps=7, num_slots=5)
-    # A lane filled to the last step and then an empty client (strong skew): no step of its own, nothing past the end.
-    full = batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 2, 3, 1]], num_steps=9, num_slots=5)
-    assert full["first"][0].sum() == 3 and full["slot_of"][1] == 3
+        batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 1, 2, 3]], num_steps=3, num_slots=1,
+                               num_rows=5)
+    with pytest.raises(ValueError, match="rows"):
+        batching.lane_schedule([o[0] for o in own], [o[1] for o in own], [[0, 1, 2, 3]], num_steps=9, num_slots=2,
+                               num_rows=4)
 
 
 @pytest.mark.parametrize("block,shards", [(1, 1), (3, 1), (2, 2)])
@@ -155,7 +177,7 @@ def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
         rows = rounds.task_rows(s, 0)
         factor = "AB"  # both factors and the head move: every output is checked
         lanes = batching.lane_schedule(own_idx, own_mask, batching.pack_lanes(steps, num_lanes),
-                                       num_steps=int(steps.sum()) + 2, num_slots=len(parts) + 2)
+                                       num_steps=int(steps.sum()) + 2, num_slots=c.batch_size, num_rows=len(parts) + 2)
         got = sharding.gather(federated.train_clients(s.programs, s.backbone.params, s.train, lora, head, lanes,
                                                       keys, factor, 3e-3, rows))
         want = reference_training(s, lora, head, own_idx, own_mask, keys, factor, 3e-3, rows)
@@ -171,20 +193,19 @@ def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
 
 @pytest.mark.slow
 def test_loop_buffers_change_nothing(setup64):
-    """Longer loop buffers and more client slots (the run-wide shapes) leave every output bit-identical: padding
+    """Longer loop buffers and more client rows (the run-wide shapes) leave every output bit-identical: padding
     steps are never executed."""
     with X64():
         s, c = setup64, setup64.config
         state = rounds.initial_state(s)
-        lanes = rounds.lane_layout(s, 0, 0)
+        own = [batching.client_schedule([p], c.batch_size, c.epochs, np.random.default_rng(k))
+               for k, p in enumerate(s.partitions[0])]
+        steps = batching.steps_per_client([len(p) for p in s.partitions[0]], c.batch_size, c.epochs)
+        own_idx, own_mask = [o[0][0, :n] for o, n in zip(own, steps)], [o[1][0, :n] for o, n in zip(own, steps)]
         outs = []
         for extra in (0, 5):
-            lay = batching.lane_schedule(
-                [lanes["idx"][lanes["lane_of"][k], lanes["client"][lanes["lane_of"][k]] == k]
-                 for k in range(c.num_clients)],
-                [lanes["mask"][lanes["lane_of"][k], lanes["client"][lanes["lane_of"][k]] == k]
-                 for k in range(c.num_clients)],
-                s.schedule.members[0], lanes["idx"].shape[1] + extra, lanes["num_slots"] + extra)
+            lay = batching.lane_schedule(own_idx, own_mask, s.schedule.members[0], s.schedule.num_steps + extra,
+                                         s.schedule.num_slots, s.schedule.num_rows + extra)
             outs.append(sharding.gather(federated.train_clients(
                 s.programs, s.backbone.params, s.train, state["lora"], state["head"], lay,
                 rng.client_keys(0, 0, 0, np.arange(c.num_clients), rng.TRAIN_STREAM), "B", 1e-2,

@@ -118,8 +118,9 @@ def test_bench_clients_smoke():
     task_padded = "padded vmap (task's largest)"
     assert set(modes) == {bench_clients.PADDED_RUN, task_padded, "lanes (P = 1, auto)", "sequential loop"}
     before, padded, lanes = modes[bench_clients.PADDED_RUN], modes[task_padded], modes["lanes (P = 1, auto)"]
-    assert padded["clients"] == 10 and lanes["train_utilization"] == 1.0 > padded["train_utilization"]
-    assert padded["lane_steps_run"] == 10 * padded["max_steps"] and lanes["lane_steps_run"] == lanes["sum_steps"]
+    assert padded["clients"] == 10 and lanes["train_utilization"] > padded["train_utilization"]
+    # one lane packs several clients' steps into a lane step: fewer lane steps than local steps
+    assert padded["lane_steps_run"] == 10 * padded["max_steps"] and lanes["lane_steps_run"] < lanes["sum_steps"]
     assert before["lane_steps_run"] >= padded["lane_steps_run"] and before["speedup_vs_padded"] == 1.0
     assert all(r["wall_s"] > 0 and r["client_steps_per_s"] > 0 for r in out["rows"])
     assert f"| {task_padded} |" in out["markdown"]

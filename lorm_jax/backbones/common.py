@@ -79,7 +79,8 @@ class Backbone:
         Args:
           params: frozen pytree with the structure of ``self.params``.
           lora: ``{path: {"A": [r, d_in], "B": [d_out, r]}}`` for exactly ``self.lora_shapes``, or ``None``; or per
-            block of examples ``{"A": [G, r, d_in], "B": [G, d_out, r]}`` (``G`` divides the batch; see above).
+            block of examples ``{"A": [G, r, d_in], "B": [G, d_out, r]}`` (``G`` divides the batch; see above); or
+            the same block-stacked by :meth:`stack_lora`.
           inputs: image: float32 ``[B, H, W, 3]`` (NHWC, already normalised with ``mean``/``std``, ``H = W =
             image_size``); text: ``{"input_ids": int [B, T], "attention_mask": int [B, T]}``.
           gram: ``None`` (no statistics), ``"diag"`` (``[d_in]`` per layer) or ``"full"`` (``[d_in, d_in]``).
@@ -97,7 +98,9 @@ class Backbone:
             raise ValueError(f"gram must be one of {GRAM_MODES}, got {gram!r}")
         self._check_inputs(inputs)
         variables = {"params": params}
-        if lora is not None:
+        if lora is not None and BLOCKS in lora:  # already block-stacked (stack_lora)
+            variables["lora"] = lora
+        elif lora is not None:
             check_lora(lora, self.lora_shapes)
             variables["lora"] = stack_layers(lora, self.lora_shapes)
         if gram is None:
@@ -106,6 +109,18 @@ class Backbone:
                                             mutable=["grams"])
         stacked = {"/".join(k[:-1]): g for k, g in traverse_util.flatten_dict(state["grams"][BLOCKS]).items()}
         return features, {p: stacked[layer][i] for p, (layer, i) in _block_layers(self.lora_shapes).items()}
+
+    def stack_lora(self, lora):
+        """Per-layer LoRA ``{path: {"A", "B"}}`` -> the scanned blocks' layout ``{"blocks": {layer: {"A": [depth, ...],
+        "B": [depth, ...]}}}`` (what :meth:`apply` feeds the scan; an optimizer over it updates 2 arrays per layer
+        kind instead of 2 per layer)."""
+        return stack_layers(lora, self.lora_shapes)
+
+    def unstack_lora(self, stacked, axis: int = 0):
+        """:meth:`stack_lora` undone; the block axis of every leaf is ``axis`` (leading axes, e.g. clients, before)."""
+        flat = traverse_util.flatten_dict(stacked[BLOCKS])
+        return {p: {f: jnp.take(flat[(*layer.split("/"), f)], block, axis=axis) for f in ("A", "B")}
+                for p, (layer, block) in _block_layers(self.lora_shapes).items()}
 
     def add_delta(self, params, deltas: Mapping[str, jax.Array]):
         """``params`` with ``W ← W + ΔW`` on each layer of ``deltas = {path: ΔW [d_out, d_in]}`` (any subset)."""

@@ -97,8 +97,9 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
                                                       BATCH, 1).max()) for t in range(RUN_TASKS))
 
             def lanes_of(members, num_steps, idx=own_idx, mask=own_mask):
-                slots = 1 + max(len(m) for m in members)
-                return batching.lane_schedule(idx, mask, members, num_steps=num_steps, num_slots=slots)
+                rows = 1 + max(len(m) for m in members)
+                return batching.lane_schedule(idx, mask, members, num_steps=num_steps, num_slots=min(BATCH, rows - 1),
+                                              num_rows=rows)
 
             def call(lay, keys=keys):
                 return federated.train_clients(programs, bb.params, data, lora, head, lay, keys, "B", 1e-3,
@@ -113,13 +114,14 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
                 layouts["lanes (P = 1)"] = lanes_of(batching.pack_lanes(steps, 1), s_sum)
             for mode, lay in layouts.items():
                 first, wall = _first_and_median(lambda lay=lay: call(lay), repeats)
-                rows.append(_row(label, num_clients, beta, steps, mode, lay["real_steps"],
+                rows.append(_row(label, num_clients, beta, steps, mode, lay["real_examples"],
                                  len(lay["idx"]) * lay["num_steps"], first, wall))
                 print(_format(rows[-1]), flush=True)
             singles = [lanes_of([[0]], s_max, [own_idx[k]], [own_mask[k]]) for k in range(num_clients)]
             first, wall = _first_and_median(lambda: [call(singles[k], keys[k:k + 1]) for k in range(num_clients)],
                                             repeats)
-            rows.append(_row(label, num_clients, beta, steps, "sequential loop", s_sum, s_sum, first, wall))
+            real = sum(s["real_examples"] for s in singles)
+            rows.append(_row(label, num_clients, beta, steps, "sequential loop", real, s_sum, first, wall))
             print(_format(rows[-1]), flush=True)
             base = next(r for r in rows[-len(layouts) - 1:] if r["mode"] == PADDED_RUN)
             for r in rows[-len(layouts) - 1:]:
@@ -127,9 +129,11 @@ def bench_backbone(label: str, name: str, options: dict, betas: list[float], cas
     return rows
 
 
-def _row(label, k, beta, steps, mode, real, run, first, wall) -> dict:
+def _row(label, k, beta, steps, mode, real_examples, run, first, wall) -> dict:
+    """``run`` lane steps of ``BATCH`` example slots each; ``train_utilization``: the real examples among them."""
     return {"backbone": label, "clients": k, "beta": beta, "sum_steps": int(steps.sum()), "max_steps": int(steps.max()),
-            "mode": mode, "lane_steps_run": int(run), "train_utilization": real / run, "wall_s": wall,
+            "mode": mode, "lane_steps_run": int(run), "train_utilization": real_examples / (run * BATCH),
+            "wall_s": wall,
             "compile_s": max(first - wall, 0.0), "client_steps_per_s": int(steps.sum()) / wall,
             "peak_rss_mb": common.peak_rss_mb()}
 

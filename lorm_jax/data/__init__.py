@@ -14,7 +14,17 @@ try:
     from . import tfds_data  # registers the "tfds/<name>" paper datasets; tensorflow-datasets/grain load lazily
 except ImportError:  # pragma: no cover
     tfds_data = None
-from .batching import client_schedule, eval_schedule, lane_schedule, pack_lanes, packed_schedule, steps_per_client
+from .batching import (
+    client_schedule,
+    eval_schedule,
+    lane_schedule,
+    lane_steps,
+    pack_lanes,
+    pack_steps,
+    packed_schedule,
+    step_sizes,
+    steps_per_client,
+)
 from .datasets import (
     ArrayDataset,
     DatasetFormatError,
@@ -39,5 +49,6 @@ __all__ = [
     "select_classes", "stratified_split", "subsample_per_class",
     "class_order", "task_classes", "relabel", "task_offsets", "task_indices", "seen_class_mask", "task_of_class",
     "dirichlet_partition", "quantity_partition", "iid_partition", "client_label_counts",
-    "client_schedule", "eval_schedule", "lane_schedule", "pack_lanes", "packed_schedule", "steps_per_client",
+    "client_schedule", "eval_schedule", "lane_schedule", "lane_steps", "pack_lanes", "pack_steps", "packed_schedule",
+    "step_sizes", "steps_per_client",
 ]

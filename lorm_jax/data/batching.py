@@ -4,9 +4,11 @@ A schedule is ``idx int32 [..., S, B]`` (dataset positions to gather) and ``mask
 example). Padding entries have ``idx = 0`` (a valid position, so gathers never go out of bounds) and
 ``mask = False``.
 
-Local training runs clients back to back in a few vmapped *lanes* (:func:`pack_lanes`, :func:`lane_schedule`), so a
-round costs about the clients' real steps, not K × the largest client's. Passes without per-client state (Gram
-statistics, evaluation) pack every client's examples into shared batches (:func:`packed_schedule`).
+Local training runs clients in a few vmapped *lanes* (:func:`pack_lanes`), each lane step packing whole local steps
+of several of its clients into one batch (:func:`pack_steps`, :func:`lane_schedule`), so a round costs about the
+clients' real examples, not K × the largest client's steps, nor the padding of their partial batches. Passes without
+per-client state (Gram statistics, evaluation) pack every client's examples into shared batches
+(:func:`packed_schedule`).
 
 Engine contract: the loss of a step is the mean over its *valid* examples, ``sum(mask * l) / max(sum(mask), 1)``
 (= PyTorch's mean over a partial last batch), and a step whose mask is all False must leave parameters **and
@@ -19,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["client_schedule", "eval_schedule", "lane_schedule", "pack_lanes", "packed_schedule", "steps_per_client"]
+__all__ = ["client_schedule", "eval_schedule", "lane_schedule", "lane_steps", "pack_lanes", "pack_steps",
+           "packed_schedule", "step_sizes", "steps_per_client"]
 
 
 def steps_per_client(sizes: Sequence[int], batch_size: int, epochs: int) -> np.ndarray:
@@ -103,51 +106,96 @@ def pack_lanes(steps: Sequence[int], num_lanes: int) -> list[list[int]]:
     return lanes
 
 
+def pack_steps(sizes: Sequence[Sequence[int]], batch: int, num_slots: int) -> list[list[tuple[int, int, int]]]:
+    """Pack clients' local steps into the steps of one lane: ``sizes[m]`` are the real examples of each step of the
+    lane's m-th client, in order. A lane step holds at most ``batch`` examples from at most ``num_slots`` clients, at
+    most one step of each, and a client's steps keep their order. Greedy: each lane step takes the clients with the
+    most examples still to run first, each if its next step still fits.
+
+    Returns per lane step the ``(client m, its step s, offset in the lane step)`` placements. The lane runs about
+    ``max(max_m S_m, ⌈Σ examples / batch⌉)`` steps instead of ``Σ_m S_m`` padded ones.
+    """
+    if batch < 1 or num_slots < 1:
+        raise ValueError(f"need batch >= 1 and num_slots >= 1, got {batch}, {num_slots}")
+    if any(n < 1 or n > batch for steps in sizes for n in steps):
+        raise ValueError(f"every step needs 1 .. {batch} examples, got {[list(x) for x in sizes]}")
+    done = [0] * len(sizes)
+    left = [int(sum(steps)) for steps in sizes]
+    plan = []
+    while any(left):
+        cap, placed = batch, []
+        for m in sorted((m for m in range(len(sizes)) if left[m]), key=lambda m: (-left[m], m)):
+            n = int(sizes[m][done[m]])
+            if len(placed) == num_slots or n > cap:
+                continue
+            placed.append((m, done[m], batch - cap))
+            cap -= n
+        for m, s, _ in placed:
+            done[m], left[m] = s + 1, left[m] - int(sizes[m][s])
+        plan.append(placed)
+    return plan
+
+
+def lane_steps(sizes: Sequence[Sequence[int]], lanes: list[list[int]], batch: int, num_slots: int) -> int:
+    """The steps of the longest of ``lanes`` once packed (:func:`pack_steps`); ``sizes[k]``: client k's step sizes."""
+    return max([len(pack_steps([sizes[k] for k in lane], batch, num_slots)) for lane in lanes] + [1])
+
+
+def step_sizes(num_examples: int, batch: int, epochs: int) -> list[int]:
+    """The real examples of each local step of a client with ``num_examples`` (epochs of ⌈n/B⌉ batches, the last one
+    partial), as :func:`client_schedule` lays them out."""
+    full, rest = divmod(int(num_examples), batch)
+    return ([batch] * full + ([rest] if rest else [])) * epochs
+
+
 def lane_schedule(client_idx: Sequence[np.ndarray], client_mask: Sequence[np.ndarray], lanes: list[list[int]],
-                  num_steps: int, num_slots: int) -> dict:
-    """Lay out the clients' own step schedules back to back along their lanes.
+                  num_steps: int, num_slots: int, num_rows: int) -> dict:
+    """Lay out the clients' own steps along their lanes, several clients per lane step (:func:`pack_steps`).
 
-    ``client_idx[k], client_mask[k]``: ``[S_k, B]`` (only real steps; from :func:`client_schedule` of client k alone).
-    ``num_steps`` (T, ≥ the longest lane) and ``num_slots`` (M, ≥ 1 + the most clients in a lane) fix the shapes, so
-    every round of a run has the same ones. Returns numpy arrays, leading axes ``[P, T]``:
+    ``client_idx[k], client_mask[k]``: ``[S_k, B]`` (only real steps, real examples first; from :func:`client_schedule`
+    of client k alone). A lane gives each of its clients a *row* (its parameters and optimizer state, the client's
+    position in the lane; the last row ``num_rows − 1`` is scratch) and runs up to ``num_slots`` (M) clients per step,
+    each in a *slot*. ``num_steps`` (T, ≥ the longest lane), M and ``num_rows`` (R) fix the shapes, so every round of a
+    run has the same ones. Returns numpy arrays, leading axes ``[P, T]``:
 
-    * ``idx, mask [P, T, B]``: the batches; ``mask`` all False past a lane's end;
-    * ``client [P, T]``: whose step it is (its PRNG key is ``fold_in(key[client], step)``);
-    * ``step [P, T]``: the step's number within that client's own schedule (0, 1, …);
-    * ``first [P, T]``: the client's first step: the lane resets to the server's parameters and a fresh optimizer;
-    * ``slot [P, T]``: where the lane writes the client's outputs (its position in the lane; ``M − 1`` past the end,
-      a scratch slot no client owns);
-    * ``lane_of, slot_of [K]``: where client k's outputs are; ``num_steps`` (the loop length this round: the longest
-      lane), ``num_slots`` (M) and ``real_steps`` (Σ S_k).
+    * ``idx, mask [P, T, B]``: the examples; ``owner [P, T, B]``: the slot each belongs to; ``step, position
+      [P, T, B]``: its step in its client's own schedule and its position in that step's batch (its PRNG key is
+      ``split(fold_in(key[client], step), B)[position]``, as without packing);
+    * ``rows, client [P, T, M]``: the row each slot reads and updates (scratch when unused) and its client;
+      ``active [P, T, M]``: the slot carries a step;
+    * ``lane_of, row_of [K]``: where client k's outputs are; ``num_steps`` (the loop length this round: the longest
+      lane), ``num_slots``, ``num_rows``, ``real_steps`` (Σ S_k) and ``real_examples``.
     """
     P, K = len(lanes), len(client_idx)
     batch = client_idx[0].shape[-1] if K else 1
-    idx = np.zeros((P, num_steps, batch), np.int32)
-    mask = np.zeros((P, num_steps, batch), bool)
-    client = np.zeros((P, num_steps), np.int32)
-    step = np.zeros((P, num_steps), np.int32)
-    first = np.zeros((P, num_steps), bool)
-    slot = np.full((P, num_steps), num_slots - 1, np.int32)
-    lane_of, slot_of = np.zeros(K, np.int32), np.zeros(K, np.int32)
+    shape = (P, num_steps)
+    per_example, per_slot = shape + (batch,), shape + (num_slots,)
+    arr = {"idx": np.zeros(per_example, np.int32), "mask": np.zeros(per_example, bool),
+           "owner": np.zeros(per_example, np.int32), "step": np.zeros(per_example, np.int32),
+           "position": np.zeros(per_example, np.int32), "rows": np.full(per_slot, num_rows - 1, np.int32),
+           "client": np.zeros(per_slot, np.int32), "active": np.zeros(per_slot, bool)}
+    lane_of, row_of = np.zeros(K, np.int32), np.zeros(K, np.int32)
     longest = 0
     for p, members in enumerate(lanes):
-        if len(members) > num_slots - 1:
-            raise ValueError(f"lane {p} holds {len(members)} clients but only {num_slots - 1} slots are laid out")
-        t = 0
+        if len(members) > num_rows - 1:
+            raise ValueError(f"lane {p} holds {len(members)} clients but only {num_rows - 1} rows are laid out")
+        plan = pack_steps([client_mask[k].sum(axis=1) for k in members], batch, num_slots)
+        if len(plan) > num_steps:
+            raise ValueError(f"lane {p} needs {len(plan)} steps but only num_steps = {num_steps} are laid out")
+        for t, placed in enumerate(plan):
+            for slot, (m, s, offset) in enumerate(placed):
+                k = members[m]
+                n = int(client_mask[k][s].sum())
+                cut = slice(offset, offset + n)
+                arr["idx"][p, t, cut], arr["mask"][p, t, cut] = client_idx[k][s, :n], True
+                arr["owner"][p, t, cut], arr["step"][p, t, cut], arr["position"][p, t, cut] = slot, s, np.arange(n)
+                arr["rows"][p, t, slot], arr["client"][p, t, slot], arr["active"][p, t, slot] = m, k, True
         for m, k in enumerate(members):
-            n = len(client_idx[k])
-            if t + n > num_steps:
-                raise ValueError(f"lane {p} needs more than num_steps = {num_steps} steps")
-            idx[p, t:t + n], mask[p, t:t + n] = client_idx[k], client_mask[k]
-            client[p, t:t + n], step[p, t:t + n], slot[p, t:t + n] = k, np.arange(n), m
-            if n:
-                first[p, t] = True
-            lane_of[k], slot_of[k] = p, m
-            t += n
-        longest = max(longest, t)
-    return {"idx": idx, "mask": mask, "client": client, "step": step, "first": first, "slot": slot,
-            "lane_of": lane_of, "slot_of": slot_of, "num_steps": max(longest, 1), "num_slots": num_slots,
-            "real_steps": int(sum(len(x) for x in client_idx))}
+            lane_of[k], row_of[k] = p, m
+        longest = max(longest, len(plan))
+    return {**arr, "lane_of": lane_of, "row_of": row_of, "num_steps": max(longest, 1), "num_slots": num_slots,
+            "num_rows": num_rows, "real_steps": int(sum(len(x) for x in client_idx)),
+            "real_examples": int(sum(int(np.sum(m)) for m in client_mask))}
 
 
 def packed_schedule(client_indices: Sequence[np.ndarray], stream_batch: int, passes: int, *, block: int,
