@@ -15,7 +15,8 @@ compiler (``jax.experimental.topologies``: the devices of a slice, described, no
 
 then the predicted time of a round and of the run, the training program's predicted MFU, and whether it all fits. It
 checks every program's HLO for float64 (TPUs have none) and host callbacks. These are compiler figures, not
-measurements on a TPU. ``--topology cpu`` compiles the same programs for this machine.
+measurements on a TPU. ``--topology h100`` compiles for one NVIDIA H100 from its XLA target config
+(``lorm_jax/specs``; the [gpu] extra's CUDA compiler, no GPU needed), ``--topology cpu`` for this machine.
 """
 from __future__ import annotations
 
@@ -69,14 +70,42 @@ class TopologyError(config_lib.InputError):
     """An unknown or unusable ``--topology``."""
 
 
+# GPUs described by XLA's target configs (lorm_jax/specs/*.txtpb): one device, compiled for without a GPU.
+GPU_SPECS = {"h100": "h100_sxm.txtpb"}
+
+
+def gpu_devices(kind: str) -> list:
+    """The one device of ``kind`` ("h100"), from its XLA target config: the CUDA plugin's compiler, no GPU attached.
+
+    Needs ``pip install "jax-cuda12-plugin[with-cuda]"`` (same version as jaxlib); :func:`_compile` turns XLA's Triton
+    GEMM off for GPU programs (without a GPU its tile choice fails).
+    """
+    # Without a GPU the CUDA plugin drops out when jax first starts its backends (its CUDA version check fails), and
+    # with it the GPU topology, unless that check is skipped (or JAX_PLATFORMS excludes cuda) before that start.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs", GPU_SPECS[kind])
+    try:
+        from jax.experimental import topologies
+        with open(path) as f:
+            desc = topologies.get_topology_desc(kind, "cuda", target_config=f.read(), topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the CUDA plugin missing ("topology not implemented for cuda"), or a spec
+        # field this XLA does not know
+        hint = (" (the GPU compiler ships with `pip install \"jax[cuda12]==<jaxlib version>\"`; without a GPU, start "
+                "Python with JAX_PLATFORMS=cpu)" if isinstance(e, NotImplementedError) else "")
+        raise TopologyError(f"--topology {kind!r}: {type(e).__name__}: {' '.join(str(e).split())[:300]}{hint}") from e
+    return list(desc.devices)
+
+
 def topology_devices(topology: str) -> tuple[list, Chip | None]:
-    """The devices of ``topology`` ("v5e:4x4", "v4:2x2x2", …, "cpu") and its chip (None for "cpu")."""
+    """The devices of ``topology`` ("v5e:4x4", "v4:2x2x2", …, "h100", "cpu") and its chip (None for "cpu")."""
     if topology == "cpu":
         return jax.devices("cpu")[:1], None
+    if topology in GPU_SPECS:
+        return gpu_devices(topology), CHIPS[topology]
     kind, _, shape = topology.partition(":")
     if kind not in CHIPS or kind == "h100" or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise TopologyError(f"--topology {topology!r} is invalid: one of {', '.join(k for k in CHIPS if k != 'h100')} "
-                            f"with a slice shape, e.g. v5e:4x4, v5e:8x8, v4:2x2x2, v5p:2x2x1, v6e:4x4; or cpu")
+                            f"with a slice shape, e.g. v5e:4x4, v5e:8x8, v4:2x2x2, v5p:2x2x1, v6e:4x4; or h100; or cpu")
     # Several processes may compile for TPUs at once (tests on 2 workers): no TPU is touched, so libtpu's one-process
     # lock is not needed.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -192,21 +221,24 @@ _CALLBACK = re.compile(r'custom_call_target="([^"]*callback[^"]*)"|is_host_trans
 
 
 def _compile(name: str, fn: Callable, calls: list, trips: list, *, per_round: float, per_task: float,
-             mesh) -> tuple[Program, object]:
+             mesh, compile: bool = True) -> tuple[Program, object]:
     """Lower and compile ``fn(*args, **kwargs)`` for the first of ``calls`` (``(args, kwargs)`` pairs; ``fn`` a
     jitted function) and measure it; the other calls are only lowered, to check that they are the same program.
-    Returns the program and its output shapes."""
+    ``compile=False``: lowered only (the jaxpr cost model, no XLA figures). Returns the program and its output
+    shapes."""
     calls = [(_abstract(args, mesh), kwargs) for args, kwargs in calls]
     args, kwargs = calls[0]
     t0, c0 = time.perf_counter(), time.process_time()
     lowered = fn.lower(*args, **kwargs)
-    compiled = lowered.compile()
+    # Without a GPU, XLA's Triton GEMM cannot choose tiles for some dots ("Couldn't find output tile sizes"): cuBLAS.
+    options = {"xla_gpu_enable_triton_gemm": False} if mesh.devices.flat[0].platform == "gpu" else None
+    compiled = lowered.compile(options) if compile else None
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     text = lowered.as_text()
     reused = all(fn.lower(*a, **k).as_text() == text for a, k in calls[1:])
-    mem = compiled.memory_analysis()
+    mem = compiled.memory_analysis() if compile else None
     memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp", "alias")}
-    cost = compiled.cost_analysis() or {}
+    cost = (compiled.cost_analysis() or {}) if compile else {}
     cost = (cost[0] if cost else {}) if isinstance(cost, list) else cost
     static = tuple(i for i, a in enumerate(args) if isinstance(a, str))
     jaxpr = jax.make_jaxpr(functools.partial(fn, **kwargs), static_argnums=static)(*args).jaxpr
@@ -216,12 +248,15 @@ def _compile(name: str, fn: Callable, calls: list, trips: list, *, per_round: fl
                       flops_xla=float(cost.get("flops", 0.0)), bytes_xla=float(cost.get("bytes accessed", 0.0)),
                       flops_once=float(once[0]), bytes_once=float(once[1]), flops=[float(f) for f, _ in costs],
                       bytes=[float(b) for _, b in costs], float64=bool(re.search(r"\bf64\b", text)),
-                      callbacks=sorted({m.group(0) for m in _CALLBACK.finditer(compiled.as_text())}), reused=reused)
+                      callbacks=sorted({m.group(0) for m in _CALLBACK.finditer(compiled.as_text() if compiled
+                                                                                 else text)}),
+                      reused=reused)
     log.info("compiled %-16s %6.1f s", name, seconds)
     return program, lowered.out_info
 
 
-def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str | None = None) -> tuple[list, object]:
+def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str | None = None,
+                compile: bool = True) -> tuple[list, object]:
     """Compile every program of the run ``config`` for ``devices``; returns the programs and the (shapes-only) setup.
 
     The setup is :func:`lorm_jax.plan.assemble` on an abstract backbone (:func:`lorm_jax.backbones.abstract`) and an
@@ -230,8 +265,10 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     """
     config_lib.validate(config)
     c = methods.effective_config(config)
-    if dtype:
-        c = config_lib.override(c, **{"backbone.options.compute_dtype": dtype})
+    if dtype:  # backbone.options is free-form: the key may be new
+        c = c.copy_and_resolve_references()
+        with c.unlocked():
+            c.backbone.options.compute_dtype = dtype
     backbone = backbones.abstract(c.backbone.name, **c.backbone.options.to_dict())
     ds = abstract_dataset(c.data.name, **c.data.options.to_dict())
     mesh = jax.sharding.Mesh(np.asarray(devices), (sharding.CLIENTS,))
@@ -241,7 +278,8 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     programs = []
 
     def add(name, fn, calls, trips, per_round=1.0, per_task=0.0):
-        program, out = _compile(name, fn, calls, trips, per_round=per_round, per_task=per_task, mesh=mesh)
+        program, out = _compile(name, fn, calls, trips, per_round=per_round, per_task=per_task, mesh=mesh,
+                                compile=compile)
         programs.append(program)
         return out
 
@@ -313,9 +351,15 @@ def abstract_dataset(name: str, **options) -> data_lib.ArrayDataset:
 # The report
 
 def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
-    """Predicted times (roofline) of a round and of the run, the training program's MFU, and whether it all fits."""
+    """Predicted times (roofline) of a round and of the run, the training program's MFU, and whether it all fits.
+
+    MFU of the training program in task t: the FLOPs of its real examples over peak × its roofline time, i.e.
+    ``u_t · min(1, (FLOPs / peak) / (bytes / bandwidth))`` with ``u_t`` the real examples among the example slots its
+    lanes run (idle lanes and the packing's gaps are not useful work).
+    """
     c, T = setup.config, setup.num_tasks
-    out = {"devices": devices, "compile_s": sum(p.compile_s for p in programs),
+    compiled = any(p.memory["argument"] for p in programs)
+    out = {"devices": devices, "compiled": compiled, "compile_s": sum(p.compile_s for p in programs),
            "compile_cpu_s": sum(p.compile_cpu_s for p in programs), "load_average": os.getloadavg()[0],
            "bytes_per_device_max": max(p.bytes_per_device() for p in programs),
            "float64": [p.name for p in programs if p.float64], "callbacks": [p.name for p in programs if p.callbacks],
@@ -325,24 +369,17 @@ def summarize(programs: list, setup, chip: Chip | None, devices: int) -> dict:
     rounds_s = [sum(p.per_round * p.seconds(t, chip) for p in programs) for t in range(T)]
     ends_s = [sum(p.per_task * p.seconds(t, chip) for p in programs) for t in range(T)]
     train = next(p for p in programs if p.name == "train")
-    lanes_per_device = setup.schedule.lanes // devices
-    mfu = []
     firsts = [plan.round_waves(setup, t, 0)[0] for t in range(T)]  # every wave of a round runs the same program
-    for t, wave in enumerate(firsts):
-        steps = setup.schedule.steps[t][wave.clients]
-        loop = int(max(sum(steps[k] for k in lane) for lane in wave.members))
-        lane_step = train.flops[t] / max(loop, 1) / lanes_per_device  # one lane, one step
-        mfu.append(float(np.sum(steps)) * lane_step / (devices * chip.peak_flops * train.seconds(t, chip)))
-    out.update(chip=chip.name, hbm_gib=chip.hbm_bytes / GiB, fits=bool(out["bytes_per_device_max"] <= chip.hbm_bytes),
+    util = [sum(len(setup.partitions[t][k]) for k in w.clients) * c.epochs
+            / (setup.schedule.lanes * max(w.lane_steps) * c.batch_size) for t, w in enumerate(firsts)]
+    mfu = [u * train.flops[t] / chip.peak_flops / train.seconds(t, chip) for t, u in enumerate(util)]
+    fits = bool(out["bytes_per_device_max"] <= chip.hbm_bytes) if compiled else None
+    out.update(chip=chip.name, hbm_gib=chip.hbm_bytes / GiB, fits=fits,
                round_s=float(np.mean(rounds_s)), task_end_s=float(np.mean(ends_s)),
                run_s=float(sum(c.rounds * r + e for r, e in zip(rounds_s, ends_s))),
                train_mfu=float(np.mean(mfu)),
                train_compute_bound=bool(train.compute_bound(0, chip)),
-               lanes=setup.schedule.lanes,
-               lane_utilization=float(np.mean([np.sum(s) / (setup.schedule.lanes * max(sum(s[k] for k in lane)
-                                                                                        for lane in w.members))
-                                               for s, w in ((setup.schedule.steps[t][w.clients], w)
-                                                            for t, w in enumerate(firsts))])))
+               lanes=setup.schedule.lanes, lane_utilization=float(np.mean(util)))
     return out
 
 
@@ -367,12 +404,14 @@ def table(programs: list, chip: Chip | None) -> str:
 
 
 def report(programs: list, summary: dict) -> str:
-    lines = [f"compiled {len(programs)} programs in {summary['compile_s']:.1f} s "
-             f"({summary['compile_cpu_s']:.1f} CPU s, load average {summary['load_average']:.1f}); largest per device "
+    done = "compiled" if summary["compiled"] else "lowered"
+    lines = [f"{done} {len(programs)} programs in {summary['compile_s']:.1f} s ({summary['compile_cpu_s']:.1f} CPU s, "
+             f"load average {summary['load_average']:.1f}); largest per device "
              f"{summary['bytes_per_device_max'] / GiB:.2f} GiB"]
     if "chip" in summary:
-        lines += [f"{summary['chip']}: {summary['devices']} chips of {summary['hbm_gib']:.0f} GiB HBM -> "
-                  f"{'fits' if summary['fits'] else 'DOES NOT FIT'}",
+        fits = {True: "fits", False: "DOES NOT FIT",
+                None: "not compiled (--no-compile): memory unknown"}[summary["fits"]]
+        lines += [f"{summary['chip']}: {summary['devices']} chips of {summary['hbm_gib']:.0f} GiB HBM -> {fits}",
                   f"predicted (roofline): round {summary['round_s']:.3f} s, end of task {summary['task_end_s']:.3f} s, "
                   f"whole run {summary['run_s']:.1f} s ({summary['run_s'] / 3600 * summary['devices']:.3f} chip-hours)",
                   f"training program: {summary['lanes']} lanes, lane utilisation {summary['lane_utilization']:.2f}, "
@@ -394,10 +433,12 @@ def main(argv: list[str]) -> int:
                                        "--topology v5e:4x4")
     p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="experiment config file")
     p.add_argument("--topology", required=True, help="v4 / v5e / v5p / v6e slice, e.g. v5e:4x4, v5e:8x8, v4:2x2x2; "
-                   "or cpu (this machine)")
+                   "h100 (one GPU; needs the [gpu] extra); or cpu (this machine)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="backbone compute dtype (default: the config's)")
     p.add_argument("--budget", type=float, default=0.9, help="fraction of the chip's HBM the memory plan may use")
     p.add_argument("--json", metavar="OUT", help="write the table and the summary as JSON")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="lower only: the loop-aware cost model "
+                   "and predicted times in seconds, without XLA's compile time, memory and cost figures")
     args, rest = p.parse_known_args(argv)
     overrides, stray = config_lib.split_overrides(rest)
     if stray:
@@ -406,7 +447,7 @@ def main(argv: list[str]) -> int:
     devices, chip = topology_devices(args.topology)
     budget = None if chip is None else int(args.budget * chip.hbm_bytes)
     try:
-        programs, setup = compile_run(config, devices, budget_bytes=budget, dtype=args.dtype)
+        programs, setup = compile_run(config, devices, budget_bytes=budget, dtype=args.dtype, compile=args.compile)
     except Exception as e:  # noqa: BLE001 - XLA refuses a program larger than the chip's memory at compile time
         if "RESOURCE_EXHAUSTED" in str(e) or "exceeds" in str(e).lower() and "memory" in str(e).lower():
             raise config_lib.InputError(f"aot: {args.config} does not fit {args.topology}: "
@@ -420,7 +461,7 @@ def main(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "topology": args.topology, "dtype": args.dtype, "summary": summary,
                        "programs": [dataclasses.asdict(x) for x in programs]}, f, indent=1)
-    if chip is not None and not summary["fits"]:
+    if chip is not None and summary["fits"] is False:
         raise config_lib.InputError(f"aot: {args.config} does not fit {args.topology}: a program needs "
                                     f"{summary['bytes_per_device_max'] / GiB:.2f} GiB per chip of "
                                     f"{chip.hbm_bytes / GiB:.0f}")

@@ -80,9 +80,10 @@ def run_main(argv: list[str], hooks=None) -> int:
         results = continual.run(config, workdir, progress=args.progress,
                                 **({} if hooks is None else {"hooks": hooks}))
     print(_summary_table(results, workdir))
-    print(f"\nresults: {os.path.join(workdir, 'results.json')}\nper-round metrics: "
-          f"{os.path.join(workdir, 'metrics.jsonl')}\nplots: {os.path.join(workdir, 'accuracy_matrix.png')}, "
-          f"{os.path.join(workdir, 'accuracy_vs_task.png')}")
+    where = lambda name: os.path.join(workdir, name)  # noqa: E731 - as the user named the workdir
+    print(f"\nresults: {where('results.json')}\nper-round metrics: {where('metrics.jsonl')}\nplots: "
+          f"{where('accuracy_matrix.png')}, {where('accuracy_vs_task.png')}"
+          + (f"\nTensorBoard: tensorboard --logdir {where('tensorboard')}" if config.tensorboard else ""))
     return 0
 
 
@@ -95,16 +96,18 @@ def configure_logging() -> None:
 
 
 def _check_workdir(workdir: str, config) -> None:
-    """``workdir`` is a writable directory (made if missing) that holds no run of another config."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise config_lib.InputError(f"--workdir {workdir}: exists and is not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise config_lib.InputError(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise config_lib.InputError(f"--workdir {workdir}: not writable")
+    """``workdir`` (local or e.g. ``gs://``, through etils.epath) is a writable directory (made if missing) that holds
+    no run of another config."""
     from lorm_jax import workdir as workdir_lib
+    path = workdir_lib.path(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise config_lib.InputError(f"--workdir {workdir}: exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config_lib.InputError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from e
+    if "://" not in workdir and not os.access(path, os.W_OK | os.X_OK):
+        raise config_lib.InputError(f"--workdir {workdir}: not writable")
     try:
         workdir_lib.check_config(workdir, config, write=False)
     except ValueError as e:  # it raises only for a workdir that holds a run of a different config
@@ -118,17 +121,18 @@ def report_main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directory (the --workdir of `lorm-jax run`)")
     workdirs = p.parse_args(argv).workdirs
+    from lorm_jax import workdir as workdir_lib
     loaded = []
     for workdir in workdirs:  # every input first: an error prints nothing half-done
         path = os.path.join(workdir, "results.json")
-        if not os.path.isfile(path):
-            raise config_lib.InputError(f"report: {path} not found ({workdir} is not a finished run; the same "
-                                        "`lorm-jax run` command finishes or resumes it)")
         try:
-            with open(path) as f:
-                loaded.append((workdir, json.load(f)))
+            results = workdir_lib.read_results(workdir)
         except json.JSONDecodeError as e:
             raise config_lib.InputError(f"report: {path} is not valid JSON ({e})") from e
+        if results is None:
+            raise config_lib.InputError(f"report: {path} not found ({workdir} is not a finished run; the same "
+                                        "`lorm-jax run` command finishes or resumes it)")
+        loaded.append((workdir, results))
     for workdir, results in loaded:
         print(f"## {workdir} ({results['method']}, {results.get('backbone')}, {results.get('dataset')})\n")
         print(_summary_table(results, workdir) + "\n")
@@ -148,11 +152,9 @@ def _summary_table(results: dict, workdir: str) -> str:
 
 
 def _wall_seconds(workdir: str) -> float | None:
-    path = os.path.join(workdir, "run_info.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("wall_seconds_last_session")
+    from lorm_jax import workdir as workdir_lib
+    info = workdir_lib.read_json(workdir_lib.path(workdir, "run_info.json"))
+    return None if info is None else info.get("wall_seconds_last_session")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,8 +228,8 @@ VERBS: dict[str, Verb] = {
                               bench_accelerator_main),
     "aot": Verb("compile every program of a run for a TPU slice (or this CPU) without one: compile time, memory per "
                 "chip, FLOPs, roofline time and MFU per program (lorm_jax.aot)",
-                "--config FILE[:ARG] --topology v5e:4x4|v4:2x2x2|v5p:2x2x1|v6e:4x4|cpu [--dtype bfloat16] [--json OUT] "
-                "[--config.KEY=VALUE ...]",
+                "--config FILE[:ARG] --topology v5e:4x4|v4:2x2x2|v5p:2x2x1|v6e:4x4|h100|cpu [--dtype bfloat16] "
+                "[--json OUT] [--no-compile] [--config.KEY=VALUE ...]",
                 "lorm-jax aot --config configs/paper/cifar100.py:0.5 --topology v5e:4x4", aot_main),
 }
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -48,7 +47,7 @@ import sys
 import numpy as np
 
 from lorm_jax import config as config_lib
-from lorm_jax import continual, metrics
+from lorm_jax import continual, metrics, plotting
 from lorm_jax import methods as methods_lib
 from lorm_jax import workdir as workdir_lib
 
@@ -104,8 +103,8 @@ def run_all(config, methods, betas, seeds, out: str, progress: bool = False, reu
             for data_seed in data_seeds:
                 for seed in seeds:
                     c = variant(config, method, beta, seed, data_seed)
-                    workdir = os.path.join(out, run_name(method, beta, seed, int(data_seed)))
-                    if reuse_only and not os.path.exists(os.path.join(workdir, "results.json")):
+                    workdir = str(workdir_lib.path(out, run_name(method, beta, seed, int(data_seed))))
+                    if reuse_only and workdir_lib.read_results(workdir) is None:
                         logging.warning("compare: %s is not finished; left out (--reuse_only)", workdir)
                         continue
                     logging.info("compare: %s", workdir)
@@ -239,7 +238,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     axes[0][0].set_ylabel("accuracy on all seen classes (%)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plotting.save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -248,18 +247,15 @@ def compare(config, methods, betas, seeds, out: str, title: str = "", progress: 
             reuse_only: bool = False, data_seeds=None) -> str:
     """Run the study and write ``comparison.md``, ``comparison.json`` and ``accuracy_vs_task.png`` into ``out``;
     returns the markdown table. ``seeds``: training seeds; ``data_seeds``: see :func:`run_all`."""
-    os.makedirs(out, exist_ok=True)
     records = run_all(config, methods, betas, seeds, out, progress=progress, reuse_only=reuse_only,
                       data_seeds=data_seeds)
     if not records:
         raise config_lib.InputError(f"no finished runs in {out} (--reuse_only trains nothing)")
     rows = aggregate(records)
     table = markdown_table(rows, title)
-    with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "comparison.json"), "w") as f:
-        json.dump({"rows": rows, "runs": records}, f, indent=2)
-    plot(rows, os.path.join(out, "accuracy_vs_task.png"), title)
+    workdir_lib.write_text(workdir_lib.path(out, "comparison.md"), table + "\n")
+    workdir_lib.write_json(workdir_lib.path(out, "comparison.json"), {"rows": rows, "runs": records}, indent=2)
+    plot(rows, workdir_lib.path(out, "accuracy_vs_task.png"), title)
     return table
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import re
+import traceback
 import types
 from typing import Sequence
 
@@ -87,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.head_merge = "regmean"          # regmean (LORM_SPEC §7) | fedavg: head weight merge of every method (bias:
                                       # FedAvg)
     c.merge_diagnostics = True        # per-round response-matching residuals of the merge in metrics.jsonl
+    c.tensorboard = True              # also write metrics.jsonl's numbers as TensorBoard event files
+                                      # (WORKDIR/tensorboard/, lorm_jax.events)
     return c
 
 
@@ -100,8 +103,8 @@ def data_seed(c: ml_collections.ConfigDict) -> int:
 # written before a key existed is read as holding this default (see with_added_keys), so such runs stay resumable and
 # reusable. A new key belongs here only if its default changes nothing. REMOVED_KEYS were throughput knobs that never
 # changed a result (client_chunk: clients per vmapped call, replaced by client_lanes); they are dropped on reading.
-ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma", "client_lanes": 0, "clients_per_round": 0,
-              "clients_per_wave": 0}
+ADDED_KEYS = {"data.seed": -1, "head_init": "trunc_2sigma", "client_lanes": 0, "tensorboard": True,
+              "clients_per_round": 0, "clients_per_wave": 0}
 REMOVED_KEYS = ("client_chunk",)
 
 
@@ -310,17 +313,17 @@ def _check_classes_per_task(per_task) -> None:
 
 def validate_paths(c: ml_collections.ConfigDict) -> None:
     """Files and folders the config names must exist on this machine (a config may be valid but not runnable here)."""
+    from etils import epath
     options = c.data.options
-    if "data_dir" in options and options["data_dir"] is not None and not os.path.isdir(str(options["data_dir"])):
-        _fail("data.options.data_dir", options["data_dir"], "an existing folder holding the dataset files")
-    if "manual_dir" in options and options["manual_dir"] is not None and not os.path.isdir(
-            str(options["manual_dir"])):
-        _fail("data.options.manual_dir", options["manual_dir"], "an existing folder")
+    for key in ("data_dir", "manual_dir"):
+        if options.get(key, None) is not None and not epath.Path(str(options[key])).is_dir():
+            _fail(f"data.options.{key}", options[key], "an existing folder holding the dataset files (local or "
+                                                         "gs://…)")
     path = c.backbone.options.get("path", None)
     if c.backbone.name == "vit_b16_augreg_in21k" and not path:
         _fail("backbone.options.path", path, "vit_b16_augreg_in21k needs the big_vision .npz checkpoint path")
-    if path and not os.path.isfile(str(path)):
-        _fail("backbone.options.path", path, "an existing checkpoint file")
+    if path and not epath.Path(str(path)).exists():
+        _fail("backbone.options.path", path, "an existing checkpoint file (local or gs://…)")
 
 
 def validate_tasks(c: ml_collections.ConfigDict, num_classes: int) -> None:
@@ -392,24 +395,97 @@ def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """``get_config()`` of the config file ``spec`` (``path``, or ``path:arg`` to call ``get_config(arg)``) with the
-    command-line ``overrides`` (``["--config.rank=4", "--config.data.beta", "0.1", ...]``) applied by ml_collections'
-    config_flags, which parses each value as the type the key has in the file's config.
+def shipped_dir() -> str | None:
+    """The folder of the configs shipped with lorm_jax: ``lorm_jax/configs`` in an installed wheel, ``configs/`` of the
+    source checkout otherwise (an editable install or ``PYTHONPATH``); None if neither exists."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isfile(os.path.join(folder, "tiny.py")):
+            return folder
+    return None
 
-    A missing file, an unknown key or a value that does not parse raises :class:`InputError`; whether the values are
-    allowed is :func:`validate`'s job.
+
+def shipped_names() -> list[str]:
+    """Names of the shipped configs (``tiny``, ``default``, ``paper/cifar100``, …) for ``--config NAME``."""
+    root = shipped_dir()
+    if root is None:
+        return []
+    names = []
+    for folder, _, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        names += [os.path.normpath(os.path.join(rel, f[:-3])) for f in files
+                  if f.endswith(".py") and not f.startswith("_") and f != "reference_table.py"]
+    return sorted(names)
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """``FILE[:ARG]`` -> ``(path, arg)``. FILE is a config file's path, or the name of a shipped config (``tiny``,
+    ``paper/cifar100``; also ``configs/tiny.py`` where no such file is in the current directory): how an installed
+    package runs the configs of the repository. A FILE that is neither raises :class:`InputError`."""
+    path, arg = (spec.split(":", 1) + [None])[:2]
+    if os.path.isfile(path):
+        return path, arg
+    root = shipped_dir()
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    name = name[:-3] if name.endswith(".py") else name
+    if root is not None and os.path.isfile(os.path.join(root, name + ".py")) and not os.path.isabs(path):
+        return os.path.join(root, name + ".py"), arg
+    raise InputError(f"--config {spec}: config file {path!r} not found (give a path, or one of the shipped configs: "
+                     f"{', '.join(shipped_names())})")
+
+
+def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config()`` (``get_config(arg)`` with an ``arg``) of the config file ``path``. A file that does not load
+    (a syntax error, an exception while it runs or in ``get_config``, no ``get_config``, something else returned)
+    raises :class:`InputError` ``"<file>:<line>: <what>"`` chained to the original exception (its traceback)."""
+    spec = importlib.util.spec_from_file_location(f"lorm_jax_config_{os.path.splitext(os.path.basename(path))[0]}",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise InputError(f"{path}:1: defines no get_config() (a config file's get_config() returns the "
+                             "experiment's ml_collections.ConfigDict, see configs/tiny.py)")
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except InputError:
+        raise
+    except SyntaxError as e:
+        if os.path.abspath(e.filename or "") != os.path.abspath(path):
+            raise InputError(f"{path}:{_line_in(e, path)}: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from e
+        raise InputError(f"{path}:{e.lineno}: SyntaxError: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - anything the file raises is a bad config file
+        raise InputError(f"{path}:{_line_in(e, path)}: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise InputError(f"{path}:1: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict "
+                         "(start from lorm_jax.config.base_config())")
+    return config
+
+
+def _line_in(error: BaseException, path: str) -> int:
+    """The line of ``path`` the innermost frame of ``error``'s traceback in that file was running (1 if none)."""
+    line, target = 1, os.path.abspath(path)
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if os.path.abspath(frame.f_code.co_filename) == target:
+            line = lineno
+    return line
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file ``spec`` (``path`` or a shipped name, :func:`resolve`; ``path:arg`` calls
+    ``get_config(arg)``) with the command-line ``overrides`` (``["--config.rank=4", "--config.data.beta", "0.1", ...]``)
+    applied by ml_collections' config_flags, which parses each value as the type the key has in the file's config.
+
+    A missing file, a file that does not load (:func:`load_file`), an unknown key or a value that does not parse raises
+    :class:`InputError`; whether the values are allowed is :func:`validate`'s job.
     """
     from absl import flags
     from ml_collections import config_flags
-    path = spec.split(":", 1)[0]
-    if not os.path.isfile(path):
-        raise InputError(f"--config {spec}: config file {path!r} not found")
-    argv = ["lorm-jax", f"--config={spec}", *overrides]
+    config = load_file(*resolve(spec))
+    argv = ["lorm-jax", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
     try:
+        config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
+                                        sys_argv=argv)
         rest = fv(argv)
     except flags.IllegalFlagValueError as e:  # "flag --config.KEY=VALUE: why it does not parse"
         match = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", str(e), re.S)

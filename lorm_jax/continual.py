@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from lorm_jax import checkpointing, distributed, ledger, metrics, plotting, rounds
 from lorm_jax import config as config_lib
 from lorm_jax import data as data_lib
+from lorm_jax import events as events_lib
 from lorm_jax import workdir as workdir_lib
 
 # Moved in the restructure; importable from here as before.
@@ -48,8 +48,9 @@ class Hooks:
 
     Attributes:
       instrument: ``wrap(stage, fn) -> fn`` applied to every compiled stage (:func:`lorm_jax.rounds.instrument`).
-      after_unit: ``after_unit(unit, line)`` once unit ``unit`` is logged (``line``: its metrics) and checkpointed;
-        an exception raised there stops the run with every finished unit saved.
+      after_unit: ``after_unit(unit, line)`` once unit ``unit`` is logged (``line``: its metrics) and its checkpoint
+        is being written (committed by the time :func:`run` returns or raises); an exception raised there stops the
+        run with every finished unit saved.
     """
     instrument: Callable[[str, Callable], Callable] | None = None
     after_unit: Callable[[int, dict], None] | None = None
@@ -81,15 +82,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     c = setup.config
     units_per_task = c.rounds + 1
     total = setup.num_tasks * units_per_task
-    state = initial_state(setup)
-    restored = checkpointing.restore(workdir, dict(state))
-    if restored is not None:
-        state = restored
-        log.info("resumed %s at unit %d/%d", workdir, int(state["unit"]), total)
-    workdir_lib.truncate_metrics(workdir, int(state["unit"]))
-    workdir_lib.write_json(os.path.join(workdir, "partition.json"), _partition_info(setup))
-    if int(state["unit"]) < total:
-        rounds.warm_up(setup, state, int(state["unit"]) // units_per_task)
+    with contextlib.ExitStack() as stack:
+        checkpoints = stack.enter_context(checkpointing.RunCheckpoints(workdir, units_per_task))
+        state = initial_state(setup)
+        restored = checkpoints.restore(state)
+        if restored is not None:
+            state = restored
+            log.info("resumed %s at unit %d/%d", workdir, int(state["unit"]), total)
+        workdir_lib.truncate_metrics(workdir, int(state["unit"]))
+        workdir_lib.write_json(workdir_lib.path(workdir, "partition.json"), _partition_info(setup))
+        if int(state["unit"]) < total:
+            rounds.warm_up(setup, state, int(state["unit"]) // units_per_task)
+        events = (stack.enter_context(events_lib.EventWriter(workdir))
+                  if c.tensorboard and distributed.is_primary() else None)
+        state = _run_units(setup, state, workdir, checkpoints, events, progress, hooks)
+    return _finish(setup, state, workdir, time.time() - start)
+
+
+def _run_units(setup: Setup, state: dict, workdir, checkpoints, events, progress: bool, hooks: Hooks) -> dict:
+    """Run the units from ``state["unit"]`` to the end: step, log (metrics.jsonl, TensorBoard), checkpoint."""
+    c = setup.config
+    units_per_task = c.rounds + 1
+    total = setup.num_tasks * units_per_task
     if hooks.instrument is not None:
         setup = rounds.instrument(setup, hooks.instrument)
     bar = tqdm(total=total, initial=int(state["unit"]), disable=not progress or not distributed.is_primary(),
@@ -106,7 +120,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             state["unit"] = np.array(unit + 1, np.int64)
             line = {"unit": unit, **line, "seconds": round(time.time() - t0, 3)}
             workdir_lib.append_metrics(workdir, [line])  # first: a line without its checkpoint is dropped on resume
-            checkpointing.save(workdir, unit + 1, state)
+            checkpoints.save(unit + 1, state)
+            if events is not None:
+                events.write([line])
             bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in line.items()
                              if k in ("task", "round", "loss", "accuracy")})
             bar.update(1)
@@ -122,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             if hooks.after_unit is not None:
                 hooks.after_unit(unit, line)
     bar.close()
-    return _finish(setup, state, workdir, time.time() - start)
+    return state
 
 
 @contextlib.contextmanager
@@ -187,8 +203,8 @@ def _finish(setup: Setup, state: dict, workdir: str, seconds: float) -> dict:
                "config": workdir_lib.config_json(setup.config)}
     if distributed.is_primary():
         plotting.plot_results(results, workdir)
-    workdir_lib.write_json(os.path.join(workdir, "run_info.json"),  # kept apart: results.json is bit-reproducible
+    workdir_lib.write_json(workdir_lib.path(workdir, "run_info.json"),  # kept apart: results.json is bit-reproducible
                            {"wall_seconds_last_session": round(seconds, 2), "devices": [str(d) for d in jax.devices()]})
     # last: its presence means "finished"
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results, indent=2)
+    workdir_lib.write_json(workdir_lib.path(workdir, workdir_lib.RESULTS), results, indent=2)
     return results

@@ -1,12 +1,22 @@
 """PNG plots of a finished run: the accuracy matrix as a heatmap and accuracy after each task."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
+from lorm_jax import workdir as workdir_lib
 
-def plot_results(results: dict, workdir: str) -> list[str]:
+
+def save_png(fig, file) -> str:
+    """Write the matplotlib figure ``fig`` as a PNG to ``file`` (a local or remote path, through etils.epath)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    workdir_lib.write_text(file, buffer.getvalue())
+    return str(file)
+
+
+def plot_results(results: dict, workdir) -> list[str]:
     """Write ``accuracy_matrix.png`` and ``accuracy_vs_task.png`` into ``workdir``; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
@@ -29,8 +39,7 @@ def plot_results(results: dict, workdir: str) -> list[str]:
     ax.set_title(f"{results['method']}: accuracy (%)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "accuracy_matrix.png"))
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(save_png(fig, workdir_lib.path(workdir, "accuracy_matrix.png")))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -45,7 +54,6 @@ def plot_results(results: dict, workdir: str) -> list[str]:
     ax.legend()
     ax.set_title(f"{results['method']} on {results.get('dataset', '')}")
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "accuracy_vs_task.png"))
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(save_png(fig, workdir_lib.path(workdir, "accuracy_vs_task.png")))
     plt.close(fig)
     return paths

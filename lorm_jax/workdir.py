@@ -1,15 +1,21 @@
 """A run's directory: its config record, the metrics file, and JSON outputs written atomically.
 
     WORKDIR/config.json       the config of the run (a workdir never holds runs of two configs)
-    WORKDIR/metrics.jsonl     one line per unit (round or end of task), appended before the unit's checkpoint
+    WORKDIR/metrics.jsonl     one line per unit (round or end of task), written before the unit's checkpoint
     WORKDIR/results.json      written last: its presence means the run is finished
-    WORKDIR/partition.json, run_info.json, plots, checkpoints/
+    WORKDIR/partition.json, run_info.json, plots, tensorboard/, checkpoints/
+
+Every path goes through ``etils.epath``: a workdir may be a local folder or ``gs://bucket/...`` (any filesystem epath
+has a backend for, e.g. gcsfs). Files are replaced whole (written to ``<name>.tmp``, then renamed over the old one),
+so a crash never leaves half a file, and no filesystem needs to support appending.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+
+from etils import epath
 
 from lorm_jax import config as config_lib
 from lorm_jax import distributed
@@ -18,35 +24,50 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 
 
+def path(workdir, *names: str) -> epath.Path:
+    """``workdir/names...`` as an ``epath.Path``; a local path is made absolute (orbax needs absolute paths)."""
+    root = epath.Path(workdir)
+    if "://" not in os.fspath(workdir):
+        root = epath.Path(os.path.abspath(os.fspath(workdir)))
+    return root.joinpath(*names)
+
+
 def config_json(config) -> dict:
     """The config as plain JSON data (what ``config.json`` and ``results.json`` record)."""
     return json.loads(config.to_json_best_effort())
 
 
-def check_config(workdir: str, config, write: bool = True) -> None:
+def check_config(workdir, config, write: bool = True) -> None:
     """Refuse a workdir that holds a run of another config; record ``config.json`` there (if ``write``) when new."""
-    path = os.path.join(workdir, "config.json")
+    file = path(workdir, "config.json")
     current = config_json(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = config_lib.with_added_keys(json.load(f))  # recorded before a key existed: its default
+    if file.exists():
+        previous = config_lib.with_added_keys(json.loads(file.read_text()))  # recorded before a key existed: default
         if previous != current:
             diff = first_difference(previous, current)
             raise ValueError(f"{workdir} holds a run with a different config ({diff}); use a new --workdir or delete "
                              "it")
     elif write:
-        os.makedirs(workdir, exist_ok=True)
-        write_json(path, current, indent=2, sort_keys=True)
+        write_json(file, current, indent=2, sort_keys=True)
 
 
-def write_json(path: str, obj, **kwargs) -> None:
-    """Write ``path`` atomically (a temporary file renamed over it): a crash never leaves half a file."""
+def write_text(file, text: str | bytes) -> None:
+    """Replace ``file`` (a path or ``epath.Path``) atomically: a temporary file renamed over it. Process 0 only."""
     if not distributed.is_primary():  # multi-host: process 0 writes the run's files
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, **kwargs)
-    os.replace(tmp, path)
+    file = epath.Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
+    tmp.replace(file)
+
+
+def write_json(file, obj, **kwargs) -> None:
+    """Write ``obj`` as JSON to ``file`` atomically (:func:`write_text`)."""
+    write_text(file, json.dumps(obj, **kwargs))
 
 
 def first_difference(a, b, prefix="config") -> str:
@@ -58,26 +79,23 @@ def first_difference(a, b, prefix="config") -> str:
     return f"{prefix}: {a!r} before, {b!r} now"
 
 
-def append_metrics(workdir: str, lines: list[dict]) -> None:
-    """Append lines to ``metrics.jsonl`` (process 0 of a multi-host run)."""
+def append_metrics(workdir, lines: list[dict]) -> None:
+    """Add lines to ``metrics.jsonl`` (process 0 of a multi-host run). The file is rewritten whole (one run has at
+    most a few hundred lines), which every filesystem supports; a crash leaves the old or the new file."""
     if not distributed.is_primary():
         return
-    with open(os.path.join(workdir, METRICS), "a") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
+    file = path(workdir, METRICS)
+    old = file.read_text() if file.exists() else ""
+    write_text(file, old + "".join(json.dumps(line) + "\n" for line in lines))
 
 
-def truncate_metrics(workdir: str, units_done: int) -> None:
+def truncate_metrics(workdir, units_done: int) -> None:
     """Keep the metric lines of the units a checkpoint covers (a crash may have logged a unit it did not save)."""
-    path = os.path.join(workdir, METRICS)
-    if not os.path.exists(path) or not distributed.is_primary():
+    file = path(workdir, METRICS)
+    if not distributed.is_primary() or not file.exists():
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if _metric_unit(line) < units_done]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
+    lines = [line for line in file.read_text().splitlines(keepends=True) if line.strip()]
+    write_text(file, "".join(line for line in lines if _metric_unit(line) < units_done))
 
 
 def _metric_unit(line: str) -> float:
@@ -88,19 +106,20 @@ def _metric_unit(line: str) -> float:
         return math.inf
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
     """The lines of ``metrics.jsonl`` as dicts (``[]`` when there is none)."""
-    path = os.path.join(workdir, METRICS)
-    if not os.path.exists(path):
+    file = path(workdir, METRICS)
+    if not file.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-def read_results(workdir: str) -> dict | None:
+def read_json(file) -> dict | None:
+    """The JSON file ``file`` (a path or ``epath.Path``), ``None`` if it does not exist."""
+    file = epath.Path(file)
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def read_results(workdir) -> dict | None:
     """``results.json`` of a finished run, ``None`` while it is not finished."""
-    path = os.path.join(workdir, RESULTS)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path(workdir, RESULTS))

@@ -121,7 +121,8 @@ def test_bad_files_and_workdirs(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     msg = one_error_line(*in_process(capsys, "run", "--config", tmp_path / "nope.py", "--workdir", tmp_path / "w"))
-    assert msg == f"--config {tmp_path / 'nope.py'}: config file '{tmp_path / 'nope.py'}' not found"
+    assert msg.startswith(f"--config {tmp_path / 'nope.py'}: config file '{tmp_path / 'nope.py'}' not found (give a "
+                          "path, or one of the shipped configs: default, "), msg
     msg = one_error_line(*in_process(capsys, "run", "--config", TINY, "--workdir", a_file))
     assert msg == f"--workdir {a_file}: exists and is not a directory"
     msg = one_error_line(*in_process(capsys, "run", "--config", TINY, "--workdir", a_file / "sub"))
@@ -132,6 +133,50 @@ def test_bad_files_and_workdirs(tmp_path, capsys):
     assert "holds a run with a different config" in one_error_line(
         *in_process(capsys, "run", "--config", TINY, "--workdir", other))
     assert "required: --workdir" in one_error_line(*in_process(capsys, "run", "--config", TINY))
+
+
+# Config files that do not load: (file text, the line named, what is said); the first three are the issue's cases.
+BAD_FILES = [
+    ("def get_config(:\n    pass\n", 1, "SyntaxError: "),
+    ("from lorm_jax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n    c.rank = 1 / 0\n"
+     "    return c\n", 6, "ZeroDivisionError: division by zero"),
+    ("RANK = 4\n", 1, "defines no get_config()"),
+    ("import no_such_module_here\n", 1, "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("def get_config():\n    return {'rank': 4}\n", 1, "get_config() returned dict, not an ml_collections.ConfigDict"),
+]
+
+
+@pytest.mark.parametrize("text,line,what", BAD_FILES, ids=[w.split(":")[0] for _, _, w in BAD_FILES])
+def test_config_file_that_does_not_load_is_one_line(tmp_path, capsys, text, line, what):
+    bad = tmp_path / "bad.py"
+    bad.write_text(text)
+    msg = one_error_line(*in_process(capsys, "run", "--config", bad, "--workdir", tmp_path / "w"))
+    assert msg.startswith(f"{bad}:{line}: {what}"), msg
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_file_errors_through_the_real_command(tmp_path):
+    """The issue's three cases through the real entry point: one line, exit 2; --verbose keeps the traceback."""
+    for text, line, what in BAD_FILES[:3]:
+        bad = tmp_path / "bad.py"
+        bad.write_text(text)
+        proc = lorm_jax("run", "--config", bad, "--workdir", tmp_path / "w")
+        assert one_error_line(proc.returncode, proc.stdout, proc.stderr).startswith(f"{bad}:{line}: {what}")
+    bad.write_text(BAD_FILES[1][0])
+    proc = lorm_jax("run", "--config", bad, "--workdir", tmp_path / "w", "--verbose")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert f'File "{bad}", line 6, in get_config' in proc.stderr  # the original traceback, into the file
+
+
+def test_shipped_configs_by_name(tmp_path):
+    """A shipped config runs by its name from any directory (how a wheel runs them); ``paper/…:ARG`` included."""
+    from lorm_jax import config as config_lib
+    assert config_lib.load("tiny").to_dict() == config_lib.load(TINY).to_dict()
+    assert config_lib.load("configs/tiny.py", ["--config.rank=2"]).rank == 2  # no such file here: the shipped one
+    paper = config_lib.load("paper/cifar100:0.1")
+    assert (paper.data.name, paper.rank) == ("tfds/cifar100", 16)
+    assert {"tiny", "default", "paper/cifar100"} <= set(config_lib.shipped_names())
+    assert "reference_table" not in " ".join(config_lib.shipped_names())
 
 
 def test_other_verbs_bad_input(tmp_path, capsys):

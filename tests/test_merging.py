@@ -452,10 +452,21 @@ def _unconditional(jaxpr, primitive: str) -> bool:
             return True
         if eqn.primitive.name == "cond":
             continue
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in _jaxprs_in(eqn.params):
             if _unconditional(sub, primitive):
                 return True
     return False
+
+
+def _jaxprs_in(params: dict):
+    """The jaxprs among an equation's parameters (jax.extend.core.jaxprs_in_params, which jax < 0.10 lacks)."""
+    core = jax.extend.core
+    for value in params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(x, core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, core.Jaxpr):
+                yield x
 
 
 @pytest.mark.parametrize("d", [32, 64])

@@ -130,7 +130,7 @@ def test_half_written_step_is_ignored_and_removed(tmp_path):
     checkpointing.save(workdir, 2, _state(2))  # the step number is free again
     assert int(checkpointing.restore(workdir, _state(0))["unit"]) == 2
 
-    def crash():
+    def crash(destination):
         raise KeyboardInterrupt  # stands in for a kill between writing the files and the commit
     with pytest.raises(KeyboardInterrupt), faults.before_commit(crash):
         checkpointing.save(workdir, 3, _state(3))

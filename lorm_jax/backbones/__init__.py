@@ -26,6 +26,7 @@ Grams in float64; needs ``jax_enable_x64``; the frozen weights stay float32 valu
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 
@@ -42,8 +43,20 @@ _REGISTRY = {
     "tiny_bert": tiny_bert,
 }
 NAMES = tuple(_REGISTRY)
+_BUILT_IN = frozenset(_REGISTRY)
 
-__all__ = ["Backbone", "MissingAssetError", "NAMES", "abstract", "get"]
+__all__ = ["Backbone", "MissingAssetError", "NAMES", "abstract", "get", "register"]
+
+
+def register(name: str, loader: Callable[..., Backbone]) -> None:
+    """Add a backbone: ``loader(**options) -> Backbone`` (``config.backbone.options`` are its keyword options) under
+    ``name``, so that ``config.backbone.name = name`` uses it (docs/EXTENDING.md). Registering a name again replaces it
+    (a config file that registers is loaded more than once); a built-in name cannot be replaced."""
+    global NAMES
+    if name in _BUILT_IN:
+        raise ValueError(f"backbone {name!r} is built in; register yours under another name")
+    _REGISTRY[name] = loader
+    NAMES = tuple(_REGISTRY)
 
 
 def get(name: str, **options) -> Backbone:

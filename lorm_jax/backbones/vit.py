@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from lorm_jax.backbones import common
 from lorm_jax.backbones.common import GramSpec, Mlp, SelfAttention, layer_norm
@@ -246,11 +247,11 @@ def vit_b16_augreg_in21k(*, path=None, image_size=224, qkv="fused", compute_dtyp
         raise ValueError("vit_b16_augreg_in21k needs path=<big_vision .npz>, e.g. B_16-i21k-300ep-lr_0.001-aug_medium1-"
                          "wd_0.1-do_0.0-sd_0.0.npz from gs://vit_models/augreg/ (no pip package ships it)")
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not epath.Path(path).exists():  # a local or remote (gs://) file
         raise FileNotFoundError(f"vit_b16_augreg_in21k: checkpoint not found: {path!r} (download the big_vision "
                                 ".npz, e.g. gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-"
                                 "sd_0.0.npz)")
-    with np.load(path) as f:
+    with epath.Path(path).open("rb") as fh, np.load(fh) as f:
         ckpt = {k: f[k] for k in f.files}
     missing = [k for k in ("embedding/kernel", "cls", "Transformer/posembed_input/pos_embedding") if k not in ckpt]
     if missing:

@@ -7,7 +7,7 @@ skipped and listed)::
     lorm-jax bench-accelerator --tiny --out /tmp/ba               # CPU smoke size (the test)
 
 **Round** (section ``rounds``): the paper's CIFAR-100 setup (``configs/paper/cifar100.py:0.5``, ``--paper-config``;
-its values are in ``configs/paper/reference_table.py``; run from the repository root or an editable install) at paper
+its values are in ``configs/paper/reference_table.py``, shipped in the wheel too) at paper
 scale with random weights: ViT-B/16 at 224 px in the AugReg layout (``tiny_vit`` with the ViT-B/16 architecture, so no
 download), K = 10 clients from a Dirichlet(0.5) split of one 5 000-sample, 10-class task (synthetic 32 px images,
 random-resized-cropped to 224 on the device, as CIFAR images are), batch 16, one local epoch, diagonal backbone Grams,
@@ -148,16 +148,8 @@ def _compiles_since(mark: int) -> tuple[int, float]:
 # lorm_jax through the public engine API.
 
 def paper_config(spec: str = PAPER_CONFIG):
-    """The config file ``spec`` (``FILE[:ARG]``, :func:`lorm_jax.config.load`), a relative FILE looked up in the
-    current directory, then in the source checkout of this lorm_jax (the paper's configs are not installed)."""
-    path, arg = (spec.split(":", 1) + [""])[:2]
-    root = common.checkout()
-    if not os.path.isfile(path) and not os.path.isabs(path) and root is not None:
-        path = os.path.join(root, path)
-    if not os.path.isfile(path):
-        raise config_lib.InputError(f"bench-accelerator: config {spec} not found (it is in a checkout of lorm_jax: run "
-                                    "from the repository root, or pass --paper-config FILE[:ARG])")
-    return config_lib.load(path + (f":{arg}" if arg else ""))
+    """The config file ``spec`` (``FILE[:ARG]``: a path or a shipped config, :func:`lorm_jax.config.load`)."""
+    return config_lib.load(spec)
 
 
 def round_config(size: Mapping, rank: int, dtype: str, seed: int = 0, paper: str = PAPER_CONFIG):

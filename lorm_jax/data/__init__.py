@@ -32,6 +32,7 @@ from .datasets import (
     available,
     load,
     load_with_fallback,
+    register,
     select_classes,
     stratified_split,
     subsample_per_class,
@@ -44,7 +45,7 @@ from .tasks import class_order, relabel, seen_class_mask, task_classes, task_ind
 
 __all__ = [
     "augment", "batching", "datasets", "inputs", "partition", "tasks",
-    "ArrayDataset", "DatasetFormatError", "DatasetNotFoundError", "available", "load", "load_with_fallback",
+    "ArrayDataset", "DatasetFormatError", "DatasetNotFoundError", "available", "load", "load_with_fallback", "register",
     "select_classes", "stratified_split", "subsample_per_class",
     "class_order", "task_classes", "relabel", "task_offsets", "task_indices", "seen_class_mask", "task_of_class",
     "dirichlet_partition", "quantity_partition", "iid_partition", "client_label_counts",

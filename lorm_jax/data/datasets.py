@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import logging
 import os
 import struct
@@ -35,6 +36,7 @@ import zlib
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +242,9 @@ def read_idx(path: str) -> np.ndarray:
     trailing bytes; FileNotFoundError if the file does not exist.
     """
     try:
+        raw = epath.Path(path).read_bytes()  # a local or remote (gs://) file
         if str(path).endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = gzip.decompress(raw)
     except FileNotFoundError:
         raise
     except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
@@ -273,9 +272,9 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find_idx(data_dir: str, stem: str) -> str | None:
     for cand in (stem + ".gz", stem):
-        p = os.path.join(data_dir, cand)
-        if os.path.isfile(p):
-            return p
+        p = epath.Path(data_dir) / cand
+        if p.exists():
+            return os.fspath(p)
     return None
 
 
@@ -326,11 +325,11 @@ def _load_fashion_mnist(data_dir: str = FASHION_MNIST_DIR) -> ArrayDataset:
 def read_lexnames(data_dir: str = WORDNET_DIR) -> tuple[str, ...]:
     """Lexicographer file names indexed by number: from ``<data_dir>/lexnames`` if present (lines
     ``NN name category``), else the embedded WordNet 3.0 list :data:`WORDNET_LEXNAMES`."""
-    path = os.path.join(data_dir, "lexnames")
-    if not os.path.isfile(path):
+    path = epath.Path(data_dir) / "lexnames"
+    if not path.exists():
         return WORDNET_LEXNAMES
     names: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -355,7 +354,8 @@ def parse_wordnet_data(path: str, first_clause: bool = True) -> tuple[list[str],
     """
     texts: list[str] = []
     lex: list[int] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    raw = io.BytesIO(epath.Path(path).read_bytes())  # a local or remote (gs://) file, decoded as open() would
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
         for ln, line in enumerate(f, 1):
             if line.startswith("  ") or not line.strip():
                 continue
@@ -376,8 +376,8 @@ def parse_wordnet_data(path: str, first_clause: bool = True) -> tuple[list[str],
 
 def _load_wordnet(pos: Sequence[str], name: str, data_dir: str = WORDNET_DIR, test_fraction: float = 0.2,
                   seed: int = 0, first_clause: bool = True) -> ArrayDataset:
-    files = [os.path.join(data_dir, f"data.{p}") for p in pos]
-    missing = [p for p in files if not os.path.isfile(p)]
+    files = [os.fspath(epath.Path(data_dir) / f"data.{p}") for p in pos]
+    missing = [p for p in files if not epath.Path(p).exists()]
     if missing:
         raise DatasetNotFoundError(
             f"WordNet data files not found: {', '.join(missing)}. Install them with "
@@ -568,10 +568,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_BUILT_IN = frozenset(_REGISTRY)
+
+
 def register(name: str, loader: Callable[..., ArrayDataset], overwrite: bool = False) -> None:
-    """Add a loader ``loader(**options) -> ArrayDataset`` under ``name``."""
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"dataset {name!r} is already registered")
+    """Add a dataset: ``loader(**options) -> ArrayDataset`` (``config.data.options`` are its keyword options) under
+    ``name``, so that ``config.data.name = name`` loads it (docs/EXTENDING.md). Registering a name again replaces it
+    (a config file that registers is loaded more than once); a built-in name only with ``overwrite``."""
+    if name in _BUILT_IN and not overwrite:
+        raise ValueError(f"dataset {name!r} is built in; register yours under another name")
     _REGISTRY[name] = loader
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -64,6 +63,7 @@ import os
 from typing import Callable
 
 import numpy as np
+from etils import epath
 
 from lorm_jax.data import datasets as _datasets
 from lorm_jax.data.datasets import ArrayDataset, DatasetFormatError, DatasetNotFoundError
@@ -83,7 +83,10 @@ class _Spec:
     num_classes: int             # classes of the benchmark (after mapping sparse ImageNet-1k ids)
     sparse_labels: bool = False  # labels are a subset of a larger label space (ImageNet-R/A): map to 0..C-1
     host_resize: str = "squash"  # squash: Resize((S, S), bicubic) | short_side_crop: Resize(S) + CenterCrop(S)
+                                 # | none: the stored array as is (image_size must be 0)
     examples: tuple[int, ...] = ()  # examples in each of ``splits`` (TFDS's published split sizes)
+    source: str = ""             # the TFDS dataset's name where it is not the key (our own builders)
+    stored_shape: tuple[int, ...] = ()  # with host_resize "none": the images' shape
 
 
 _SPECS = {
@@ -93,6 +96,8 @@ _SPECS = {
     "caltech_birds2011": _Spec(("train", "test"), "image/filename", 200, examples=(5_994, 5_794)),
     "cars196": _Spec(("train", "test"), "id", 196, host_resize="short_side_crop", examples=(8_144, 8_041)),
     "eurosat/rgb": _Spec(("train",), "filename", 10, examples=(27_000,)),
+    "fashion_mnist": _Spec(("train", "test"), "id", 10, host_resize="none", examples=(60_000, 10_000),
+                           source="lorm_fashion_mnist", stored_shape=(28, 28, 1)),
 }
 NAMES = tuple(PREFIX + n for n in _SPECS)
 
@@ -102,6 +107,8 @@ _BUILD_HINT = {
     "imagenet_a": "tfds build imagenet_a --file_format=array_record --data_dir={data_dir}",
     "caltech_birds2011": "tfds build caltech_birds2011 --file_format=array_record --data_dir={data_dir}",
     "eurosat/rgb": "tfds build eurosat/rgb --file_format=array_record --data_dir={data_dir}",
+    "lorm_fashion_mnist": "python -m lorm_jax.data.fashion_mnist_tfds --data_dir={data_dir} (from the IDX files of "
+                          "dataset-fashion-mnist; no TensorFlow needed)",
 }
 _CARS_HINT = (
     "Cars-196 cannot be built by TFDS: its download URLs (ai.stanford.edu/~jkrause/car196/) are dead upstream. "
@@ -143,21 +150,21 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     Raises DatasetNotFoundError (never downloads) when there is none, saying what to run; a copy prepared in the
     TFRecord format is named as such (grain's random access needs ArrayRecord).
     """
-    base = os.path.join(os.fspath(data_dir), *tfds_name.split("/"))
+    base = epath.Path(os.fspath(data_dir)).joinpath(*tfds_name.split("/"))  # local or gs://
     hint = (_CARS_HINT if tfds_name == "cars196" else
-            "Prepare it (on any machine with TensorFlow, then copy the folder): " + _BUILD_HINT[tfds_name])
+            "Prepare it (`tfds build` needs TensorFlow: run it anywhere, then copy the folder): "
+            + _BUILD_HINT[tfds_name])
     hint = hint.format(data_dir=data_dir)
-    if not os.path.isdir(data_dir):
+    if not epath.Path(os.fspath(data_dir)).is_dir():
         raise DatasetNotFoundError(f"TFDS data_dir {data_dir!r} does not exist (dataset {tfds_name}). {hint}")
-    versions = sorted((v for v in (os.listdir(base) if os.path.isdir(base) else [])
-                       if os.path.isfile(os.path.join(base, v, "dataset_info.json"))), key=_version_key)
+    versions = sorted((v.name for v in (base.iterdir() if base.is_dir() else [])
+                       if (v / "dataset_info.json").exists()), key=_version_key)
     if not versions:
-        raise DatasetNotFoundError(f"no prepared TFDS copy of {tfds_name!r} in {base!r} (expected "
+        raise DatasetNotFoundError(f"no prepared TFDS copy of {tfds_name!r} in {str(base)!r} (expected "
                                    f"{base}/<version>/dataset_info.json). {hint}")
     version = versions[-1]
-    folder = os.path.join(base, version)
-    with open(os.path.join(folder, "dataset_info.json")) as f:
-        info = json.load(f)
+    folder = base / version
+    info = json.loads((folder / "dataset_info.json").read_text())
     fmt = info.get("fileFormat", "tfrecord")
     if fmt != "array_record":
         raise DatasetNotFoundError(
@@ -167,11 +174,11 @@ def prepared_dir(data_dir: str, tfds_name: str, splits: tuple[str, ...]) -> tupl
     for split in splits:
         if split not in have:
             raise DatasetFormatError(f"{folder}: the prepared copy has splits {sorted(have)}, not {split!r}. {hint}")
-        shards = glob.glob(os.path.join(folder, f"*-{split}.array_record-*"))
+        shards = list(folder.glob(f"*-{split}.array_record-*"))
         if not shards:
             raise DatasetNotFoundError(f"{folder}: dataset_info.json lists split {split!r} but its "
                                        f"*-{split}.array_record-* files are missing (incomplete copy?). {hint}")
-    return folder, version
+    return os.fspath(folder), version
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,7 +273,8 @@ def _checked(iterator, what: str):
 
 
 def _decode_record(example: dict, *, key: str, size: int, mode: str):
-    return host_resize(example["image"], size, mode), np.int64(example["label"]), _text(example.get(key, ""))
+    image = np.asarray(example["image"], np.uint8) if mode == "none" else host_resize(example["image"], size, mode)
+    return image, np.int64(example["label"]), _text(example.get(key, ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,6 +340,9 @@ def load_tfds(tfds_name: str, *, data_dir: str | None = None, image_size: int = 
     spec = _SPECS[tfds_name]
     if image_size < 0 or max_examples < 0:
         raise ValueError(f"{tfds_name}: image_size and max_examples must be >= 0")
+    if spec.host_resize == "none" and image_size:
+        raise ValueError(f"{tfds_name}: its images are used as stored (as the IDX loader gives them); image_size "
+                         f"must be 0, not {image_size}")
     data_dir = os.fspath(data_dir) if data_dir else None
     _import("grain")  # fail early, naming the missing dependency
     if not manual_dir:
@@ -344,11 +355,11 @@ def load_tfds(tfds_name: str, *, data_dir: str | None = None, image_size: int = 
     else:
         version = None
         if data_dir is not None:
-            _, version = prepared_dir(data_dir, tfds_name, spec.splits)
+            _, version = prepared_dir(data_dir, spec.source or tfds_name, spec.splits)
         parts, class_names = {}, None
         decode = functools.partial(_decode_record, key=spec.key, size=image_size, mode=spec.host_resize)
         for split in spec.splits:
-            src = _data_source(tfds_name, split, data_dir, version)
+            src = _data_source(spec.source or tfds_name, split, data_dir, version)
             class_names = class_names or _label_names(src)
             try:
                 version = version or str(src.dataset_info.version)
@@ -417,7 +428,8 @@ def abstract_tfds(tfds_name: str, *, image_size: int = 224, split_seed: int = 0,
     else:
         tr_idx, te_idx = canonical_split(labels[0], test_fraction, split_seed)
         y_tr, y_te = labels[0][tr_idx], labels[0][te_idx]
-    images = lambda n: np.broadcast_to(np.zeros((), np.uint8), (n, image_size, image_size, 3))
+    shape = spec.stored_shape or (image_size, image_size, 3)
+    images = lambda n: np.broadcast_to(np.zeros((), np.uint8), (n, *shape))
     return ArrayDataset(name=PREFIX + tfds_name, kind="image", x_train=images(len(y_tr)), y_train=np.sort(y_tr),
                         x_test=images(len(y_te)), y_test=np.sort(y_te),
                         class_names=tuple(str(i) for i in range(spec.num_classes)))
@@ -478,6 +490,7 @@ def read_cars_manual(manual_dir: str, image_size: int, max_examples: int = 0, nu
 # ----------------------------------------------------------------------------------------------------------------------
 # Registration
 
-for _n in _SPECS:
-    _datasets.register(PREFIX + _n, functools.partial(load_tfds, _n), overwrite=True)
-del _n
+for _n, _s in _SPECS.items():
+    _datasets.register(PREFIX + _n, functools.partial(load_tfds, _n, **({"image_size": 0} if _s.host_resize == "none"
+                                                                        else {})), overwrite=True)
+del _n, _s

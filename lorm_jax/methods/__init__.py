@@ -20,7 +20,13 @@ linear_probe   head only             —                                        
 Every method merges the head with RegMean (``config.head_merge = "regmean"``, LORM_SPEC §7) or FedAvg ("fedavg"); the
 backbone Grams are diagonal or full according to ``config.alpha_backbone`` (0 = diagonal).
 """
-from lorm_jax.methods.base import Merges, Method, Statistics, compile_merges  # noqa: F401  (the interface)
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+from lorm_jax.methods.base import Merges, Method, Statistics, compile_merges  # noqa: F401  (the interface, re-exported)
 from lorm_jax.methods.centralized import Centralized
 from lorm_jax.methods.fedavg_lora import FedAvgLoRA
 from lorm_jax.methods.linear_probe import LinearProbe
@@ -43,6 +49,18 @@ _METHODS = {
     "linear_probe": lambda c: LinearProbe(c.merge_dtype, head_merge=_head(c)),
 }
 NAMES = tuple(sorted(_METHODS))
+_BUILT_IN = frozenset(_METHODS)
+
+
+def register(name: str, factory: Callable[[ml_collections.ConfigDict], Method]) -> None:
+    """Add a method: ``factory(config) -> Method`` (:class:`lorm_jax.methods.base.Method`) under ``name``, so that
+    ``config.method = name`` runs it (docs/EXTENDING.md). Registering a name again replaces it (a config file that
+    registers is loaded more than once); a built-in name cannot be replaced."""
+    global NAMES
+    if name in _BUILT_IN:
+        raise ValueError(f"method {name!r} is built in; register yours under another name")
+    _METHODS[name] = factory
+    NAMES = tuple(sorted(_METHODS))
 
 
 def get(name: str, config) -> Method:

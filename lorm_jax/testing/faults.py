@@ -4,7 +4,8 @@
 
 sends SIGNAL (default SIGKILL) to the process in that stage of that unit: ``train`` (the clients' local training has
 finished), ``merge`` (entering a round's server merge or the end-of-task merge) or ``checkpoint`` (every file of the
-unit's checkpoint written, before the atomic rename that commits it: a crash mid-checkpoint). Everything else is the
+unit's checkpoint written, before the atomic rename that commits it: a crash mid-checkpoint; checkpoints are written in
+the background, so this fires in orbax's thread, while the next unit computes). Everything else is the
 command line of :mod:`lorm_jax.cli`, with the run's stages wrapped through :class:`lorm_jax.continual.Hooks`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from typing import Callable, NamedTuple
 
 import jax
+from etils import epath
 
 from lorm_jax import checkpointing, cli, continual
 
@@ -43,10 +45,17 @@ class Injector:
     def __init__(self, fault: Fault, first_unit: int):
         self.fault, self.unit = fault, first_unit
 
-    def fire(self, stage: str) -> None:
-        if self.fault.stage == stage and self.fault.unit == self.unit:
+    def fire(self, stage: str, unit: int | None = None) -> None:
+        """Fire if ``stage`` of ``unit`` (default: the unit in flight) is the fault's."""
+        if self.fault.stage == stage and self.fault.unit == (self.unit if unit is None else unit) and self.unit != -1:
             self.unit = -1  # a signal that does not kill fires once
             os.kill(os.getpid(), self.fault.signum)
+
+    def commit(self, destination: str) -> None:
+        """The ``before_commit`` callback: step ``s`` of the state checkpoints holds unit ``s - 1``."""
+        path = epath.Path(destination)
+        if path.parent.name == checkpointing.STATE_DIR and path.name.isdigit():
+            self.fire("checkpoint", int(path.name) - 1)
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         """The ``instrument`` hook: fire after training, before a merge."""
@@ -69,14 +78,14 @@ class Injector:
 
 
 @contextlib.contextmanager
-def before_commit(callback: Callable[[], None]):
-    """Call ``callback`` right before orbax renames a finished temporary checkpoint directory to its final name
-    (patches orbax's private ``async_path.rename``; only here, in the test machinery)."""
+def before_commit(callback: Callable[[str], None]):
+    """Call ``callback(destination)`` right before orbax renames a finished temporary checkpoint directory to its final
+    name ``destination`` (patches orbax's private ``async_path.rename``; only here, in the test machinery)."""
     from orbax.checkpoint._src.path import async_path
     original = async_path.rename
 
     async def rename(src, dst, *args, **kwargs):
-        callback()
+        callback(str(dst))
         return await original(src, dst, *args, **kwargs)
 
     async_path.rename = rename
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     flags.add_argument("--workdir", default="")
     workdir = flags.parse_known_args(argv[1:])[0].workdir
     injector = Injector(parse(spec), checkpointing.latest_step(workdir) or 0)
-    with before_commit(lambda: injector.fire("checkpoint")):
+    with before_commit(injector.commit):
         return cli.main(argv, hooks=injector.hooks())
 
 
