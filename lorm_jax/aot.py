@@ -329,8 +329,8 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     add("merge_tasks", setup.merges.tasks.fast,
         [((state["past_b"], state["past_a"], state["task_grams"], np.int32(t + 1)), {}) for t in range(T)],
         [1] * T, per_round=0.0, per_task=1.0)
-    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype, True), {})], [1] * T,
-        per_round=0.0, per_task=1.0)
+    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype), {"stacked": True})],
+        [1] * T, per_round=0.0, per_task=1.0)
     evals = setup.schedule.eval_packed
     eval_calls = [federated.evaluate_call(setup.programs, setup.backbone.params, state["head"], setup.test, p,
                                           data_lib.seen_class_mask(t, setup.offsets), T) for t, p in enumerate(evals)]

@@ -41,6 +41,7 @@ class MemoryPlan:
     wave_clients: int        # most clients of a wave
     gram_units: str          # "clients" | "blocks"
     max_lanes: int           # lanes that fit (all devices together, a multiple of the mesh size)
+    floor_bytes: int = 0     # the least budget that runs: a wave of one client (less is refused before compiling)
 
     def table(self) -> str:
         mb = lambda b: f"{b / 2**20:10.2f} MiB"
@@ -143,23 +144,24 @@ def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batc
 
     blocks = max(1, gram_batch_size // max(gram_block, 1))
     widest = max(d_in for _, d_in in layers)
-    block = 4 * 2 * blocks * (widest * widest if backbone_gram == "full" else widest)
+    block_of = lambda mode: 4 * 2 * blocks * (widest * widest if mode == "full" else widest)  # noqa: E731
+    block = block_of(backbone_gram)
     per_client = {"blocks": 6 * params + 3 * head, "clients": 6 * params + 3 * grams}
     fixed = shared_bytes + act_train + act_gram + optimizer + sums(backbone_gram)
+    floor = lambda mode: fixed - sums(backbone_gram) + sums(mode) + block_of(mode) + per_client["blocks"]  # noqa: E731
     budget = device_budget(list(mesh.devices.flat)) if budget_bytes is None else int(budget_bytes)
     free = budget - fixed - block
-    if free < per_client["blocks"]:
+    if budget < floor(backbone_gram):  # not even a wave of one client: refuse now, before anything compiles
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         hint = ""
         if backbone_gram == "full":
-            fits = budget - (fixed - sums("full") + sums("diag")) >= per_client["blocks"]
-            hint = (f"; with diagonal Grams (config.alpha_backbone = 0) it {'fits' if fits else 'does not fit either'}"
-                    f" ({gib(sums('diag'))} of sums)")
+            verdict = "fits" if budget >= floor("diag") else "does not fit either"
+            hint = f"; with diagonal Grams (config.alpha_backbone = 0) it {verdict} ({gib(floor('diag'))})"
         raise config_lib.InputError(
-            f"the run does not fit the memory plan: {gib(fixed + block + per_client['blocks'])} per device (backbone "
-            f"and data {gib(shared_bytes)}, the round's Gram sums {gib(sums(backbone_gram))}, one batch's "
-            f"activations {gib(act_train + act_gram)}, one client {gib(per_client['blocks'])}) but the budget is "
-            f"{gib(budget)}{hint}; or lower config.batch_size / config.gram_batch_size, config.merge_diagnostics = "
+            f"the run does not fit the memory plan: {gib(floor(backbone_gram))} per device (backbone and data "
+            f"{gib(shared_bytes)}, the round's Gram sums {gib(sums(backbone_gram))}, one batch's activations and "
+            f"block Grams {gib(act_train + act_gram + block)}, one client {gib(per_client['blocks'])}) but the budget "
+            f"is {gib(budget)}{hint}; or lower config.batch_size / config.gram_batch_size, config.merge_diagnostics = "
             f"False, or use a device with more memory")
     platform = mesh.devices.flat[0].platform
     wave_budget = free if platform != "cpu" else min(free, WAVE_BYTES)
@@ -180,7 +182,7 @@ def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batc
                       sums_bytes=sums(backbone_gram), block_bytes=block if units == "blocks" else 0, lane_bytes=lane,
                       shared_bytes=int(shared_bytes), budget_bytes=budget, wave_budget_bytes=int(wave_budget),
                       devices=devices, num_clients=num_clients, wave_clients=int(wave), gram_units=units,
-                      max_lanes=per_device * devices)
+                      max_lanes=per_device * devices, floor_bytes=floor(backbone_gram))
 
 
 def choose_lanes(steps_per_task, *, devices: int, platform: str, max_lanes: int, requested: int = 0) -> int:

@@ -106,13 +106,13 @@ def shrink_gram(gram: jax.Array, alpha: float) -> jax.Array:
     """RegMean shrinkage ``α G + (1 − α) diag(G)`` of full Grams ``[..., d, d]`` (α = 0: diagonal only; α = 1: G).
 
     Shrinking keeps the diagonal, so a diagonal Gram ``[..., d]`` needs no shrinking at all (and should never be
-    expanded to d×d for it).
+    expanded to d×d for it). Float32 out (float64 for float64 Grams).
     """
     if gram.ndim < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"shrink_gram expects full Grams [..., d, d], got shape {gram.shape}")
     diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
     eye = jnp.eye(gram.shape[-1], dtype=bool)
-    return jnp.where(eye, diag[..., None, :], alpha * gram).astype(jnp.float32)
+    return jnp.where(eye, diag[..., None, :], alpha * gram).astype(jnp.promote_types(gram.dtype, jnp.float32))
 
 
 def _diag_solve(e: jax.Array, g: jax.Array) -> jax.Array:

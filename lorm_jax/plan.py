@@ -129,19 +129,20 @@ def split_task(c, labels: np.ndarray, task: int) -> list:
                                  f"{e}") from e
 
 
-def build_setup(config: ml_collections.ConfigDict) -> Setup:
-    """The run's setup: the backbone's weights and the dataset loaded, on the device mesh of ``config.mesh_clients``."""
+def build_setup(config: ml_collections.ConfigDict, *, gram_units: str = "") -> Setup:
+    """The run's setup: the backbone's weights and the dataset loaded, on the device mesh of ``config.mesh_clients``
+    (``gram_units``: "" for the memory plan's choice, or "clients" / "blocks", :func:`lorm_jax.memory.plan_memory`)."""
     config_lib.validate(config)
     config_lib.validate_paths(config)
     c = methods.effective_config(config)  # e.g. centralized: one client holding all data
     backbone = backbones.get(c.backbone.name, **c.backbone.options.to_dict())
     config_lib.validate_rank(c, backbone.lora_shapes)  # before the data are read
     ds = data_lib.load(c.data.name, **c.data.options.to_dict())
-    return assemble(c, backbone, ds, sharding.make_mesh(c.mesh_clients))
+    return assemble(c, backbone, ds, sharding.make_mesh(c.mesh_clients), gram_units=gram_units)
 
 
 def assemble(c: ml_collections.ConfigDict, backbone: backbones.Backbone, ds: data_lib.ArrayDataset, mesh, *,
-             budget_bytes: int | None = None) -> Setup:
+             budget_bytes: int | None = None, gram_units: str = "") -> Setup:
     """The setup of the (effective) config ``c`` from a backbone and a dataset, on ``mesh``: tasks, client partitions,
     schedule and compiled programs. ``backbone`` / ``ds`` may be shapes only (``ShapeDtypeStruct`` params, zero-stride
     images) and ``mesh`` a TPU topology's, to compile a run ahead of time (:mod:`lorm_jax.aot`); ``budget_bytes``: the
@@ -173,7 +174,7 @@ def assemble(c: ml_collections.ConfigDict, backbone: backbones.Backbone, ds: dat
     backbone = dataclasses.replace(backbone, params=sharding.replicate(backbone.params, mesh))
     train, test = sharding.replicate((train, test), mesh)
     schedule = plan_schedule(c, backbone, mesh, partitions, task_test, int(offsets[-1]), train, test,
-                             budget_bytes=budget_bytes)
+                             budget_bytes=budget_bytes, gram_units=gram_units)
     programs = federated.build_client_programs(
         backbone, inputs.make_prepare(c, backbone, ds), lr_head=c.lr, weight_decay=c.weight_decay,
         backbone_gram="diag" if c.alpha_backbone == 0 else "full", alpha_backbone=c.alpha_backbone,
@@ -259,7 +260,7 @@ def round_waves(setup: Setup, task: int, rnd: int) -> list[Wave]:
 
 
 def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, train, test, *,
-                  budget_bytes: int | None = None) -> Schedule:
+                  budget_bytes: int | None = None, gram_units: str = "") -> Schedule:
     """Waves (the memory plan's, or ``config.clients_per_wave``), lanes (``config.client_lanes`` or the memory
     plan's and :func:`memory.choose_lanes`' choice), the packing of every wave's clients into them, and the packed
     Gram / evaluation shapes, the largest over every unit of the run; logged before the run."""
@@ -275,7 +276,8 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
                               head_gram="diag" if c.alpha_head == 0 else "full",
                               shared_bytes=ledger.nbytes((backbone.params, train, test)), mesh=mesh,
                               budget_bytes=budget_bytes, max_len=c.data.max_len, gram_block=block,
-                              residuals=bool(c.merge_diagnostics), wave_clients=c.clients_per_wave)
+                              residuals=bool(c.merge_diagnostics), wave_clients=c.clients_per_wave,
+                              gram_units=gram_units)
     log.info("%s", plan.table())
     steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
     groups = _wave_groups(c, partitions, plan.wave_clients)

@@ -38,22 +38,22 @@ from lorm_jax.plan import Setup
 
 log = logging.getLogger("lorm_jax")
 
-STAGES = ("train", "grams", "sums", "evaluate", "merge_round", "merge_tasks")
+STAGES = ("train", "sums", "evaluate", "merge_round", "merge_tasks")
 
 
 def instrument(setup: Setup, wrap: Callable[[str, Callable], Callable]) -> Setup:
     """``setup`` with every compiled stage ``fn`` of :data:`STAGES` replaced by ``wrap(name, fn)``: client training,
-    the Gram passes (per-client Grams, and the sums a round uses) and evaluation (:attr:`Setup.programs`) and the
-    method's merges (:attr:`Setup.merges`)."""
+    the Gram passes that sum what a merge needs and evaluation (:attr:`Setup.programs`) and the method's merges
+    (:attr:`Setup.merges`)."""
     programs = dataclasses.replace(setup.programs, **{name: wrap(name, getattr(setup.programs, name))
-                                                      for name in ("train", "grams", "sums", "evaluate")})
+                                                      for name in ("train", "sums", "evaluate")})
     merges = dataclasses.replace(setup.merges, round=wrap("merge_round", setup.merges.round),
                                  tasks=wrap("merge_tasks", setup.merges.tasks))
     return dataclasses.replace(setup, programs=programs, merges=merges)
 
 
 # Where each looping program takes its loop's trip count among its arguments (federated.*_call).
-LOOP_TRIPS = {"train": 6, "grams": 5, "sums": 8, "evaluate": 4}
+LOOP_TRIPS = {"train": 6, "sums": 8, "evaluate": 4}
 
 
 def _no_loop_trips(name: str, fn: Callable) -> Callable:
@@ -324,6 +324,8 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
             **ledger.task_entry(setup.method, c.rounds, grams, state["lora"],
                                 last_rounds(setup, task, c.rounds, clients)),
             **metrics.gram_conditioning(state["task_grams"], c.merge_dtype, stacked=True)}  # unfinished: 0
+    if c.clients_per_round:
+        line["clients"] = clients.tolist()
     if task + 1 < setup.num_tasks:  # the next task starts from B = 0 and a fresh A
         state["lora"] = sharding.gather(lora_lib.init(rng.lora_key(c.seed, task + 1), setup.backbone.lora_shapes,
                                                       c.rank))

@@ -1,7 +1,7 @@
 """Subprocess side of tests/test_sharding.py and tests/test_distributed.py (XLA flags and jax.distributed must be set
 before jax starts, so these run in fresh interpreters).
 
-    python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_LANES]
+    python tests/_scale_worker.py run WORKDIR MESH_CLIENTS NUM_CLIENTS [CLIENT_LANES [CLIENTS_PER_ROUND]]
     python tests/_scale_worker.py merge                    # sharded merge == host merge, all-reduce in the HLO
     python tests/_scale_worker.py proc PROCESS_ID NUM_PROCESSES PORT WORKDIR NUM_CLIENTS
     python tests/_scale_worker.py pool [--no-lorm-jax]     # the host runs far ahead of a collective (issue 17)
@@ -19,10 +19,10 @@ os.environ.setdefault("JAX_ENABLE_X64", "1")  # before jax is imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def config(num_clients: int, mesh_clients: int = 0, client_lanes: int = 0):
+def config(num_clients: int, mesh_clients: int = 0, client_lanes: int = 0, clients_per_round: int = 0):
     from conftest import ONE_BLOCK, small_config
     c = small_config(**ONE_BLOCK, num_clients=num_clients, mesh_clients=mesh_clients, client_lanes=client_lanes,
-                     merge_dtype="float64")
+                     clients_per_round=clients_per_round, merge_dtype="float64")
     c.backbone.options.compute_dtype = "float64"
     return c
 
@@ -31,9 +31,10 @@ def summary(workdir: str) -> dict:
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        losses = [json.loads(line).get("client_loss") for line in f]
+        lines = [json.loads(line) for line in f]
     return {"accuracy_matrix": results["accuracy_matrix"], "final": results["final_average_accuracy"],
-            "client_loss": [x for x in losses if x is not None]}
+            "client_loss": [m["client_loss"] for m in lines if "client_loss" in m],
+            "clients": [m["clients"] for m in lines if "clients" in m and "client_loss" in m]}
 
 
 def main(argv):
@@ -56,7 +57,8 @@ def main(argv):
         from lorm_jax import continual
         workdir, mesh, k = argv[1], int(argv[2]), int(argv[3])
         lanes = int(argv[4]) if len(argv) > 4 else 0
-        continual.run(config(k, mesh, lanes), workdir, progress=False)
+        per_round = int(argv[5]) if len(argv) > 5 else 0
+        continual.run(config(k, mesh, lanes, per_round), workdir, progress=False)
         out = {"devices": jax.device_count(), **summary(workdir)}
     elif mode == "merge":
         out = merge_check()

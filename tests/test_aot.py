@@ -27,7 +27,8 @@ def test_tiny_programs_compile_for_a_v5e_slice_and_are_reused():
     assert jax.devices()[0].platform == "cpu"  # compiling for the slice attaches nothing
     programs, setup = aot.compile_run(config_lib.load(TINY), devices, budget_bytes=int(0.9 * chip.hbm_bytes))
     names = {p.name for p in programs}
-    assert {"train", "grams", "merge_round A", "merge_round B", "merge_tasks", "evaluate"} <= names
+    assert {"train", "sums A", "sums B", "sums end", "merge_round A", "merge_round B", "merge_tasks",
+            "evaluate"} <= names
     summary = aot.summarize(programs, setup, chip, len(devices))
     assert summary["fits"] and 0 < summary["bytes_per_device_max"] <= chip.hbm_bytes
     assert summary["float64"] == [] and summary["callbacks"] == []

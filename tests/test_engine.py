@@ -54,8 +54,8 @@ def test_lorm_round_with_identical_clients_returns_their_factor(setup):
                                       same_keys, factor, 1e-2, rows)
         grams, head_grams = federated.client_grams(setup.programs, setup.backbone.params, setup.train, out["lora"],
                                                    packed, same_keys, 1.0)
-        lora, head = setup.merges.round(out["lora"], grams, out["head"], head_grams, jnp.ones(K), factor, rows,
-                                        state["head"])
+        lora, head = setup.method.merge_round(out["lora"], grams, out["head"], head_grams, jnp.ones(K), factor,
+                                              rows, state["head"])
         for p in lora:
             np.testing.assert_allclose(lora[p][factor], out["lora"][p][factor][0], rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(head["w"], out["head"]["w"][0], rtol=2e-4, atol=1e-6)

@@ -53,18 +53,21 @@ def test_engine_ledger_counts_the_exchanged_arrays():
     assert m["download_breakdown"] == _expected(s, ("head",), c_t)
 
 
-def test_full_grams_and_per_client_division():
-    k, d_in, d_out, r, classes, f = 3, 6, 5, 2, 4, 3
-    lora = {"l": {"A": jnp.zeros((k, r, d_in)), "B": jnp.zeros((k, d_out, r))}}
-    entry = ledger.round_entry(methods.get("lorm", config_lib.base_config()), 0, "B", lora,
-                               {"l": jnp.zeros((k, d_in, d_in))}, {"w": jnp.zeros((k, classes, f)),
-                                                                   "b": jnp.zeros((k, classes))},
-                               jnp.zeros((k, f)), np.ones(k, np.float32), np.array([True, False, True, False]),
-                               {"l": {"A": np.zeros((r, d_in), np.float32), "B": np.zeros((d_out, r), np.float32)}},
-                               {"w": np.zeros((classes, f), np.float32), "b": np.zeros(classes, np.float32)})
+def test_full_grams_and_per_participant_bytes():
+    d_in, d_out, r, classes, f = 6, 5, 2, 4, 3
+    server_lora = {"l": {"A": np.zeros((r, d_in), np.float32), "B": np.zeros((d_out, r), np.float32)}}
+    server_head = {"w": np.zeros((classes, f), np.float32), "b": np.zeros(classes, np.float32)}
+    rows = np.array([True, False, True, False])
+    method = methods.get("lorm", config_lib.base_config())
+    # round 2 (B): three participants, whose last rounds of the task were 1, -1 (none) and 0
+    entry = ledger.round_entry(method, 2, "B", server_lora, server_head, {"l": jnp.zeros((d_in, d_in))},
+                               jnp.zeros(f), rows, np.array([1, -1, 0]))
     assert entry["upload_breakdown"] == {"B": F32 * d_out * r, "grams": F32 * d_in * d_in, "head": F32 * 2 * (f + 1),
                                          "head_gram": F32 * f, "num_samples": F32}
-    assert entry["download_breakdown"] == {"A": F32 * r * d_in, "B": F32 * d_out * r, "head": F32 * 2 * (f + 1)}
+    assert entry["participants"] == 3 and entry["upload_bytes_total"] == 3 * entry["upload_bytes"]
+    # downloads: A (merged in round 1) + head; A, B + head (first round it takes part in); A, B + head (B merged in 0)
+    want = [F32 * r * d_in, F32 * (r * d_in + d_out * r), F32 * (r * d_in + d_out * r)]
+    assert entry["download_bytes_total"] == sum(want) + 3 * F32 * 2 * (f + 1)
     assert ledger.nbytes({"x": np.zeros((2, 3), np.float64), "y": [np.zeros(4, np.int8)]}) == 52
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import ONE_BLOCK, REPO, shared_setup, small_config
 
+from lorm_jax import config as config_lib
 from lorm_jax import continual, memory, sharding
 
 WORKER = os.path.join(REPO, "tests", "_scale_worker.py")
@@ -62,20 +63,34 @@ def test_mesh_errors_name_the_key():
 
 
 def test_memory_plan_fits_the_budget():
+    """Waves, Gram units and lanes from the byte estimates: the whole round with per-client Grams when it fits,
+    per-block sums in smaller waves when not, and a one-line refusal (with what would fit) when not even one client
+    does."""
     bb = shared_setup().backbone
     kwargs = dict(num_clients=10, num_classes=4, rank=4, batch_size=16, gram_batch_size=16, backbone_gram="diag",
                   head_gram="full", shared_bytes=1000)
     big = memory.plan_memory(bb, budget_bytes=10**12, **kwargs)
     assert big.gram_full_bytes > big.gram_diag_bytes > 0
-    assert big.lane_bytes >= big.activation_bytes + 11 * big.lora_bytes > 0  # its client + 10 output slots
-    assert big.gram_pass_bytes >= 2 * 10 * big.gram_bytes  # K clients' Gram sums
+    assert (big.wave_clients, big.gram_units, big.block_bytes) == (10, "clients", 0)  # as before streaming
+    assert big.client_bytes >= 3 * big.gram_bytes + 6 * big.lora_bytes  # a client's Grams and parameter rows
     assert big.activation_bytes == memory.activation_bytes(bb, 4, 16)
     assert memory.activation_bytes(bb, 4, 32) > big.activation_bytes  # grows with the batch
-    small = memory.plan_memory(bb, budget_bytes=1000 + 3 * big.lane_bytes + 1, **kwargs)
-    assert small.max_lanes == 3 and "at most 3 training lanes" in small.table()
-    tiny = memory.plan_memory(bb, budget_bytes=1, **kwargs)
-    assert tiny.max_lanes == 1  # never less than one lane per device
-    assert "exceeds the budget" in tiny.table()
+    blocks = memory.plan_memory(bb, budget_bytes=10**12, gram_units="blocks", **kwargs)
+    assert blocks.client_bytes < big.client_bytes and blocks.block_bytes > 0
+    fixed = blocks.floor_bytes - blocks.client_bytes  # everything but the wave's clients
+    roomy = memory.plan_memory(bb, budget_bytes=fixed + 10 * big.client_bytes + 2 * big.lane_bytes, **kwargs)
+    assert (roomy.wave_clients, roomy.gram_units, roomy.max_lanes) == (10, "clients", 2)
+    tight = memory.plan_memory(bb, budget_bytes=fixed + 3 * blocks.client_bytes, **kwargs)
+    assert (tight.wave_clients, tight.gram_units, tight.max_lanes) == (3, "blocks", 1)  # never below one lane
+    assert "4 wave(s) of at most 3 of the round's 10 clients" in tight.table()
+    assert memory.plan_memory(bb, budget_bytes=blocks.floor_bytes, **kwargs).wave_clients == 1
+    with pytest.raises(config_lib.InputError) as e:
+        memory.plan_memory(bb, budget_bytes=blocks.floor_bytes - 1, **kwargs)
+    assert "\n" not in str(e.value) and "does not fit the memory plan" in str(e.value)
+    full = memory.plan_memory(bb, budget_bytes=10**12, **dict(kwargs, backbone_gram="full"))
+    assert full.floor_bytes > blocks.floor_bytes  # d×d sums and block Grams
+    with pytest.raises(config_lib.InputError, match=r"with diagonal Grams \(config.alpha_backbone = 0\) it fits"):
+        memory.plan_memory(bb, budget_bytes=full.floor_bytes - 1, **dict(kwargs, backbone_gram="full"))
 
 
 @pytest.mark.slow

@@ -16,24 +16,38 @@ lane program, :func:`lorm_jax.federated.train_clients`, so only the layout diffe
 For each: median wall time of ``repeats`` calls after a warm-up call (compile time = first call − median), real
 client-steps per second (ΣS_k / wall), and the utilisation the engine reports (real client-steps / lane-steps run).
 
+``--scale``: the whole engine at many clients instead (issue #26): two rounds (B, A) of the tiny config with K =
+100 / 1,000 / 10,000 clients of ~4 examples each, diagonal and full (α = 0.5) Grams, each case in a fresh process:
+round wall time, client-steps/s (real local steps of both rounds / their wall time), the first pass's extra time
+(compilation, "compile (s)"), the server merge's time, the Gram passes' time and the process's peak RSS; with the
+round's sums streamed per block of examples (the engine since #26) and, side by side, per-client Grams of the whole
+round in one wave (as the engine before #26 held them).
+
 Usage::
 
     lorm-jax bench-clients [--quick] [--json OUT] [--markdown OUT] [--backbones tiny_vit,dinov2_s14_56px]
+    lorm-jax bench-clients --scale [--clients 100,1000,10000] [--json OUT] [--markdown OUT]
 
-``--quick``: tiny ViT only, K = 10, one timed call. Importable: :func:`run_benchmark`, :func:`main`.
+``--quick``: tiny ViT only, K = 10, one timed call. Importable: :func:`run_benchmark`, :func:`run_scale`,
+:func:`main`.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorm_jax import backbones, federated, memory, objective, sharding
+from lorm_jax import backbones, federated, memory, objective, plan, rounds, sharding
+from lorm_jax import config as config_lib
 from lorm_jax import lora as lora_lib
 from lorm_jax.bench import common
 from lorm_jax.data import batching, partition
@@ -167,6 +181,98 @@ def run_benchmark(*, quick: bool = False, backbone_names: list[str] | None = Non
             "skipped": skipped, "markdown": table}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Many clients: the whole engine (--scale)
+
+SCALE_CLIENTS = (100, 1000, 10_000)
+SCALE_EXAMPLES = 4  # examples per client, on average
+ENGINES = {"blocks": "streamed sums (per block)", "clients": "per-client Grams, one wave (before #26)"}
+
+
+def scale_config(num_clients: int, gram: str):
+    """``configs/tiny.py`` as one task of 2 classes over ``num_clients`` clients of ~:data:`SCALE_EXAMPLES` examples
+    (Dirichlet β = 0.5, empty clients allowed), 2 rounds (B, A) of 1 local epoch; ``gram``: "diag" or "full"
+    (α = 0.5)."""
+    c = config_lib.load("tiny")
+    return config_lib.override(c, **{
+        "num_clients": num_clients, "data.options.num_classes": 2, "data.options.n_test": 50,
+        "data.options.n_train": num_clients * SCALE_EXAMPLES // 2, "data.classes_per_task": 2, "data.min_samples": 0,
+        "rounds": 2, "epochs": 1, "eval_every_round": False, "alpha_backbone": 0.5 if gram == "full" else 0.0})
+
+
+def scale_case(num_clients: int, gram: str, units: str) -> dict:
+    """Both rounds of :func:`scale_config` twice in this process (the first pass compiles), every compiled stage
+    timed to completion (:func:`lorm_jax.rounds.instrument`); ``units``: the engine (:data:`ENGINES`)."""
+    c = scale_config(num_clients, gram)
+    if units == "clients":
+        c = config_lib.override(c, clients_per_wave=num_clients)
+    t0 = time.perf_counter()
+    setup = plan.build_setup(c, gram_units=units)
+    build_s = time.perf_counter() - t0
+    stages = collections.defaultdict(float)
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            stages[name] += time.perf_counter() - t
+            return out
+        return call
+
+    timed, state0, passes = rounds.instrument(setup, wrap), rounds.initial_state(setup), []
+    for _ in range(2):
+        stages.clear()
+        t = time.perf_counter()
+        state = state0
+        for rnd in range(c.rounds):
+            state, _ = rounds.run_round(timed, state, 0, rnd)
+        passes.append((time.perf_counter() - t, dict(stages)))
+    (cold, _), (warm, warm_stages) = passes
+    steps = c.rounds * int(setup.schedule.steps[0].sum())
+    return {"clients": num_clients, "grams": gram, "engine": ENGINES[units], "gram_units": setup.schedule.gram_units,
+            "waves": len(plan.round_waves(setup, 0, 0)), "client_steps": steps, "round_s": warm / c.rounds,
+            "client_steps_per_s": steps / warm, "compile_s": max(cold - warm, 0.0), "build_s": build_s,
+            "merge_ms": 1e3 * warm_stages.get("merge_round", 0.0) / c.rounds,
+            "sums_s": warm_stages.get("sums", 0.0) / c.rounds, "train_s": warm_stages.get("train", 0.0) / c.rounds,
+            "peak_rss_mb": common.peak_rss_mb()}
+
+
+SCALE_HEADER = ("| K | Grams | engine | waves | client-steps | round (s) | client-steps/s | compile (s) | "
+                "merge (ms) | Gram passes (s) | peak RSS (MB) |\n"
+                "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _scale_format(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['clients']} | {r['grams']} | {r['engine']} | {r['error']} |||||||"
+    return (f"| {r['clients']} | {r['grams']} | {r['engine']} | {r['waves']} | {r['client_steps']} | "
+            f"{r['round_s']:.2f} | {r['client_steps_per_s']:.0f} | {r['compile_s']:.1f} | {r['merge_ms']:.1f} | "
+            f"{r['sums_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+
+
+def run_scale(clients=SCALE_CLIENTS, grams=("diag", "full"), engines=tuple(ENGINES), timeout: int = 1800) -> dict:
+    """Every (K, Grams, engine) case of :func:`scale_case` in a fresh process (its own peak RSS)."""
+    rows = []
+    print(SCALE_HEADER, flush=True)
+    for k in clients:
+        for gram in grams:
+            for units in engines:
+                cmd = [sys.executable, "-m", "lorm_jax.bench.clients", "--scale-case", str(k), gram, units]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    row = json.loads(lines[-1][len("RESULT "):]) if proc.returncode == 0 and lines else {
+                        "clients": k, "grams": gram, "engine": ENGINES[units],
+                        "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"}
+                except subprocess.TimeoutExpired:
+                    row = {"clients": k, "grams": gram, "engine": ENGINES[units], "error": f"over {timeout} s"}
+                rows.append(row)
+                print(_scale_format(row), flush=True)
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "load_average_at_end": os.getloadavg(), "machine": common.machine_info(), "rows": rows,
+            "markdown": SCALE_HEADER + "\n" + "\n".join(_scale_format(r) for r in rows)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lorm-jax bench-clients", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny ViT only, K = 10, one timed call")
@@ -174,10 +280,23 @@ def main(argv=None):
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--backbones", default=None, help=f"comma-separated subset of {list(BACKBONES)}")
     p.add_argument("--betas", default=None, help="comma-separated Dirichlet concentrations (default 0.5,0.1)")
+    p.add_argument("--scale", action="store_true", help="the whole engine at K = 100 / 1,000 / 10,000 clients")
+    p.add_argument("--clients", default=None, help="--scale: comma-separated K (default 100,1000,10000)")
+    p.add_argument("--grams", default="diag,full", help="--scale: diag and/or full")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"--scale: a subset of {list(ENGINES)}")
+    p.add_argument("--scale-case", nargs=3, default=None, metavar=("K", "GRAMS", "ENGINE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.scale_case:
+        k, gram, units = args.scale_case
+        print("RESULT " + json.dumps(scale_case(int(k), gram, units)), flush=True)
+        return None
     load_before = os.getloadavg()
-    out = run_benchmark(quick=args.quick, backbone_names=args.backbones.split(",") if args.backbones else None,
-                        betas=[float(b) for b in args.betas.split(",")] if args.betas else None)
+    if args.scale:
+        out = run_scale([int(k) for k in args.clients.split(",")] if args.clients else SCALE_CLIENTS,
+                        args.grams.split(","), args.engines.split(","))
+    else:
+        out = run_benchmark(quick=args.quick, backbone_names=args.backbones.split(",") if args.backbones else None,
+                            betas=[float(b) for b in args.betas.split(",")] if args.betas else None)
     out["load_average_at_start"] = load_before
     print(f"load average at start {load_before}, at end {out['load_average_at_end']}")
     if args.json:
