@@ -81,8 +81,19 @@ def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
         for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0),
                        lambda: end_task(dry, state, task)],
                       [lambda r=r: run_round(dry, state, task, r) for r in first_round.values()]):
-            for job in [pool.submit(fn) for fn in phase]:
+            for job in [pool.submit(_in_caller_context(fn)) for fn in phase]:
                 job.result()
+
+
+def _in_caller_context(fn: Callable) -> Callable:
+    """``fn`` run in another thread under the caller's thread-local jax settings (``jax.enable_x64``, the default
+    matmul precision), so that it traces the program the caller's thread will call."""
+    x64, precision = jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision
+
+    def call():
+        with jax.enable_x64(x64), jax.default_matmul_precision(precision):
+            return fn()
+    return call
 
 
 def task_rows(setup: Setup, task: int) -> np.ndarray:
@@ -91,10 +102,21 @@ def task_rows(setup: Setup, task: int) -> np.ndarray:
     return (rows >= setup.offsets[task]) & (rows < setup.offsets[task + 1])
 
 
+def _check_plan(setup: Setup, task: int) -> None:
+    """The packed passes of ``setup.schedule`` were laid out for ``setup.partitions`` (same clients, same sizes)."""
+    c = setup.config
+    if setup.schedule.gram_packed[task]["real_examples"] != sum(map(len, setup.partitions[task])) * c.gram_passes or \
+            list(setup.schedule.steps[task]) != list(data_lib.steps_per_client(
+                [len(p) for p in setup.partitions[task]], c.batch_size, c.epochs)):
+        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
+                         "plan.with_partitions(setup, partitions) to replan the packed passes")
+
+
 def lane_layout(setup: Setup, task: int, rnd: int, members: list | None = None) -> dict:
     """The local-training schedule of (task, round): every client's own shuffled batches (drawn from its own generator,
     so they do not depend on how clients are grouped) laid out along the lanes ``members`` (default: the run's
     packing) — :func:`lorm_jax.data.batching.lane_schedule`."""
+    _check_plan(setup, task)
     c, schedule = setup.config, setup.schedule
     batches = [data_lib.client_schedule([part], c.batch_size, c.epochs,
                                         rng.client_rng(c.seed, task, rnd, k, rng.TRAIN_STREAM))
@@ -230,11 +252,8 @@ def _drop_nonfinite_grams(grams: dict, head_grams, include: np.ndarray):
 def _client_grams(setup: Setup, gram_params, client_lora, task: int, rnd: int, scale: float, include: np.ndarray):
     """Per-client Grams of every LoRA layer and of the head (one packed pass over the task's clients); clients not in
     ``include`` contribute zeros."""
+    _check_plan(setup, task)
     keys = rng.client_keys(setup.config.seed, task, rnd, np.arange(setup.config.num_clients), rng.GRAM_STREAM)
-    if setup.schedule.gram_packed[task]["real_examples"] != sum(map(len, setup.partitions[task])) * \
-            setup.config.gram_passes:
-        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
-                         "plan.with_partitions(setup, partitions) to replan the packed passes")
     grams = federated.client_grams(setup.programs, gram_params, setup.train, client_lora,
                                    setup.schedule.gram_packed[task], keys, scale)
     return trees.zero_clients(grams, include)
