@@ -86,14 +86,37 @@ def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
         for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0, wave),
                        lambda: end_task(dry, state, task, max_waves=1)],
                       [lambda r=r: run_round(dry, state, task, r, max_waves=1) for r in first_round.values()]):
-            for job in [pool.submit(fn) for fn in phase]:
+            for job in [pool.submit(_in_caller_context(fn)) for fn in phase]:
                 job.result()
+
+
+def _in_caller_context(fn: Callable) -> Callable:
+    """``fn`` run in another thread under the caller's thread-local jax settings (``jax.enable_x64``, the default
+    matmul precision), so that it traces the program the caller's thread will call."""
+    x64, precision = jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision
+
+    def call():
+        with jax.enable_x64(x64), jax.default_matmul_precision(precision):
+            return fn()
+    return call
 
 
 def task_rows(setup: Setup, task: int) -> np.ndarray:
     """The head rows (classes) of task ``task``: bool [C]. Only they train and are merged in its rounds."""
     rows = np.arange(int(setup.offsets[-1]))
     return (rows >= setup.offsets[task]) & (rows < setup.offsets[task + 1])
+
+
+def _check_plan(setup: Setup, task: int, wave: plan.Wave | None = None) -> None:
+    """The schedule (step counts, and the packed Gram pass of ``wave``) was laid out for ``setup.partitions`` (same
+    clients, same sizes)."""
+    c = setup.config
+    if list(setup.schedule.steps[task]) != list(data_lib.steps_per_client(
+            [len(p) for p in setup.partitions[task]], c.batch_size, c.epochs)) or (
+            wave is not None and wave.gram and wave.gram["real_examples"] != sum(
+                len(setup.partitions[task][k]) for k in wave.clients) * c.gram_passes):
+        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
+                         "plan.with_partitions(setup, partitions) to replan the waves and packed passes")
 
 
 def lane_layout(setup: Setup, task: int, rnd: int, wave: plan.Wave | None = None, members: list | None = None) -> dict:
@@ -103,6 +126,7 @@ def lane_layout(setup: Setup, task: int, rnd: int, wave: plan.Wave | None = None
     :func:`lorm_jax.data.batching.lane_schedule`."""
     c, schedule = setup.config, setup.schedule
     wave = plan.round_waves(setup, task, rnd)[0] if wave is None else wave
+    _check_plan(setup, task, wave)
     parts = [setup.partitions[task][k] for k in wave.clients]
     batches = [data_lib.client_schedule([part], c.batch_size, c.epochs,
                                         rng.client_rng(c.seed, task, rnd, int(k), rng.TRAIN_STREAM))
@@ -216,9 +240,7 @@ def wave_sums(setup: Setup, gram_params, scale: float, client_lora, client_heads
     ``ok``: included and with finite Grams. In the blocks layout a client whose Grams are not finite has entered the
     sums already, so the wave is summed again without it."""
     c = setup.config
-    if wave.gram["real_examples"] != sum(len(setup.partitions[task][k]) for k in wave.clients) * c.gram_passes:
-        raise ValueError("setup.partitions no longer match setup.schedule: build the setup with "
-                         "plan.with_partitions(setup, partitions) to replan the waves and packed passes")
+    _check_plan(setup, task, wave)
     keys = rng.client_keys(c.seed, task, rnd, wave.clients, rng.GRAM_STREAM)
     samples = np.asarray([len(setup.partitions[task][k]) for k in wave.clients], np.float32)
     blocks = setup.schedule.gram_units == "blocks"
