@@ -64,6 +64,18 @@ class MemoryPlan:
 # (larger waves feed more parallel lanes).
 WAVE_BYTES = 512 * 2 ** 20
 GRAM_UNITS = ("clients", "blocks")
+# One layer's block Grams of a packed Gram batch take at most this much (full Grams): a layer forms, shrinks and
+# contracts them at once, so the batch's temporaries scale with it; more, smaller batches cost the same FLOPs.
+GRAM_BLOCK_BYTES = 64 * 2 ** 20
+
+
+def gram_blocks_per_batch(backbone, gram_batch_size: int, block: int, mode: str) -> int:
+    """Client-pure blocks of ``block`` examples in one packed Gram batch: ``gram_batch_size / block``, and with full
+    Grams at most as many as keep the widest layer's block Grams ``[G, d, d]`` within :data:`GRAM_BLOCK_BYTES`
+    (DINOv2-S/14: d = 1536, 9.4 MB a block, 7 blocks)."""
+    widest = max(d_in for _, d_in in backbone.lora_shapes.values())
+    per_block = 4 * (widest * widest if mode == "full" else widest)
+    return max(1, min(gram_batch_size // max(block, 1), GRAM_BLOCK_BYTES // per_block))
 
 
 def _jaxpr_bytes(jaxpr) -> int:
@@ -142,7 +154,7 @@ def plan_memory(backbone, *, num_clients: int, num_classes: int, rank: int, batc
                         for d_out, d_in in layers)
         return 4 * 4 * (per_layer + f * f + num_classes * f)  # ×4: a pass's accumulator and update, wave, round
 
-    blocks = max(1, gram_batch_size // max(gram_block, 1))
+    blocks = gram_blocks_per_batch(backbone, gram_batch_size, gram_block, backbone_gram)
     widest = max(d_in for _, d_in in layers)
     block_of = lambda mode: 4 * 2 * blocks * (widest * widest if mode == "full" else widest)  # noqa: E731
     block = block_of(backbone_gram)

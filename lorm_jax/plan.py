@@ -294,9 +294,10 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
             num_steps = max([num_steps] + [data_lib.lane_steps([sizes[k] for k in w], [lane], c.batch_size,
                                                                num_slots) for lane in wave_lanes])
     # Packed Gram passes: one shape for every wave of the run (one compiled program), batches of at most gram_bs
-    # examples, as few as the largest wave needs and equally full.
+    # examples (fewer with full Grams of wide layers: memory.gram_blocks_per_batch), as few as the largest wave needs
+    # and equally full.
     most = max(gram_blocks(c, partitions[t], w, block, devices) for (t, _), waves in groups.items() for w in waves)
-    gram_batches = max(1, -(-most // max(1, gram_bs // block)))
+    gram_batches = max(1, -(-most // memory.gram_blocks_per_batch(backbone, gram_bs, block, backbone_gram)))
     schedule = Schedule(lanes=lanes, steps=steps, waves=None, num_steps=num_steps, num_slots=num_slots,
                         num_rows=num_rows, wave_clients=plan.wave_clients, gram_units=plan.gram_units,
                         gram_block=block, gram_batches=gram_batches,
