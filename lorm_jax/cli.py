@@ -219,8 +219,9 @@ VERBS: dict[str, Verb] = {
                         "[--seed N]",
                         "lorm-jax bench-merge --quick --json merge.json", bench_merge_main),
     "bench-clients": Verb("local-training throughput on Dirichlet-sized clients: padded vmap vs lanes vs a loop over "
-                          "clients (lorm_jax.bench.clients)",
-                          "[--quick] [--json OUT] [--markdown OUT] [--backbones NAME,NAME] [--betas B,B]",
+                          "clients; --scale: the engine at K = 100 / 1,000 / 10,000 (lorm_jax.bench.clients)",
+                          "[--quick] [--json OUT] [--markdown OUT] [--backbones NAME,NAME] [--betas B,B] "
+                          "[--scale [--clients K,K] [--grams diag,full] [--engines blocks,clients]]",
                           "lorm-jax bench-clients --quick --json clients.json", bench_clients_main),
     "bench-accelerator": Verb("the paper-scale round and merges on an accelerator, next to the reference's PyTorch "
                               "loop (lorm_jax.bench.accelerator)",

@@ -139,3 +139,15 @@ def test_bench_clients_smoke():
     assert before["lane_steps_run"] >= padded["lane_steps_run"] and before["speedup_vs_padded"] == 1.0
     assert all(r["wall_s"] > 0 and r["client_steps_per_s"] > 0 for r in out["rows"])
     assert f"| {task_padded} |" in out["markdown"]
+
+
+@pytest.mark.slow
+def test_bench_clients_scale_smoke():
+    """bench-clients --scale: both engines of one small case, each in its own process, with the same work."""
+    from lorm_jax.bench import clients as bench_clients
+    out = bench_clients.run_scale(clients=[20], grams=["full"], engines=["blocks", "clients"])
+    streamed, per_client = out["rows"]
+    assert "error" not in streamed and "error" not in per_client, out["rows"]
+    assert (streamed["gram_units"], per_client["gram_units"]) == ("blocks", "clients")
+    assert streamed["client_steps"] == per_client["client_steps"] > 0 and per_client["waves"] == 1
+    assert all(r["client_steps_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["merge_ms"] > 0 for r in out["rows"])
