@@ -138,3 +138,15 @@ def test_partial_participation_killed_and_resumed_is_identical(tmp_path):
         return results["accuracy_matrix"], [(m["unit"], m.get("clients"), m.get("client_loss")) for m in lines]
 
     assert read(workdir) == read(tmp_path / "full")
+
+
+def test_memory_plan_refuses_what_cannot_fit_before_compiling(tmp_path):
+    """A run whose one batch cannot fit the device is refused by the real command with one line and exit 2, before
+    anything compiles (the activations are traced, not run)."""
+    proc = subprocess.run([sys.executable, "-m", "lorm_jax.cli", "run", "--config", TINY, "--config.batch_size=2000000",
+                           "--workdir", str(tmp_path / "run"), "--noprogress"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lorm-jax: error: the run does not fit the memory plan:") and "the budget is" in last
+    assert "compiled" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()

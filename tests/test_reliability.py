@@ -237,10 +237,11 @@ def test_gram_health_reports_singular_and_ill_conditioned_grams():
     dead = merging.gram_health(jnp.asarray([2.0, 0.0, 1e-30, 0.0]))
     assert float(dead["dead"]) == 2 and float(dead["pinv"]) == 0 and float(dead["min_pivot"]) == 1
     assert float(merging.gram_health(jnp.zeros((3, 3)))["dead"]) == 3
-    conditioning = metrics.gram_conditioning({"layer": jnp.stack([singular, jnp.zeros((6, 6))]),
-                                              "head": jnp.ones((2, 4))})
+    terms = {"layer": jnp.stack([singular, jnp.zeros((6, 6))]), "head": jnp.ones((2, 4))}  # two clients' Grams
+    conditioning = metrics.gram_conditioning(terms, stacked=True)
     assert conditioning["gram_pinv_layers"] == 1 and conditioning["gram_dead_features"] == 0
     assert 0 <= conditioning["gram_min_pivot"] < 1e-5  # the singular layer's pivot², see above
+    assert conditioning == metrics.gram_conditioning({p: g.sum(0) for p, g in terms.items()})  # the sums, as rounds
 
 
 # ----------------------------------------------------------------------------------------------------------------------
