@@ -3,6 +3,7 @@ the paper's 18 runs predicted on one slice (compiler and cost-model figures, no 
 
     JAX_PLATFORMS=cpu python experiments/tpu_tables.py --out /tmp/tpu          # both tables (~30 min on 2 cores)
     JAX_PLATFORMS=cpu python experiments/tpu_tables.py --out /tmp/tpu --only runs
+    JAX_PLATFORMS=cpu python experiments/tpu_tables.py --out /tmp/tpu --only topologies --topologies v6e:4x4,v5e:8x8
 
 Writes ``<out>/<name>.json`` per compiled configuration (what ``lorm-jax aot --json`` writes) and prints markdown.
 """
@@ -34,11 +35,11 @@ def measure(config_spec: str, topology: str, dtype: str, compile: bool) -> dict:
             "summary": summary, "programs": [vars(p) for p in programs]}
 
 
-def topology_rows(out: str, dtype: str) -> list[str]:
+def topology_rows(out: str, dtype: str, topologies=TOPOLOGIES) -> list[str]:
     rows = ["| slice | chips (hosts) | compile s (CPU s) | merges compile s | GiB per chip (of HBM) | round s | "
             "run s | chip-hours | train MFU | lane utilisation | bound |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for topology in TOPOLOGIES:
+    for topology in topologies:
         r = measure("configs/paper/cifar100.py:0.5", topology, dtype, compile=True)
         with open(os.path.join(out, topology.replace(":", "_") + ".json"), "w") as f:
             json.dump(r, f, indent=1)
@@ -79,12 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--only", choices=("topologies", "runs"))
     p.add_argument("--runs-topology", default="v5e:4x4")
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated slices of the first table")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.only in (None, "runs"):
         print("\n".join(run_rows(args.out, args.dtype, args.runs_topology)))
     if args.only in (None, "topologies"):
-        print("\n".join(topology_rows(args.out, args.dtype)))
+        print("\n".join(topology_rows(args.out, args.dtype, args.topologies.split(","))))
     return 0
 
 

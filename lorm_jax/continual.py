@@ -83,7 +83,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     units_per_task = c.rounds + 1
     total = setup.num_tasks * units_per_task
     with contextlib.ExitStack() as stack:
-        checkpoints = stack.enter_context(checkpointing.RunCheckpoints(workdir, units_per_task))
+        # Several processes save synchronously: orbax's background commit waits on a cross-process barrier, where a lost
+        # peer would end the process from jax's runtime instead of exit_on_lost_peer's one line (docs/RELIABILITY.md).
+        checkpoints = stack.enter_context(checkpointing.RunCheckpoints(workdir, units_per_task,
+                                                                       asynchronous=jax.process_count() == 1))
         state = initial_state(setup)
         restored = checkpoints.restore(state)
         if restored is not None:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -40,15 +41,29 @@ def parse(spec: str) -> Fault:
 
 
 class Injector:
-    """Fires ``fault`` once, in its stage of its unit; tracks the unit in flight from the resume point on."""
+    """Fires ``fault`` once, in its stage of its unit; tracks the unit in flight from the resume point on.
 
-    def __init__(self, fault: Fault, first_unit: int):
-        self.fault, self.unit = fault, first_unit
+    A ``train`` or ``merge`` fault of unit u fires once unit u − 1's checkpoint (state step u), written in the
+    background, has committed: the point it kills at is then the same on an idle and on a loaded machine (a kill
+    before that commit would lose unit u − 1 as well; ``checkpoint`` faults test the write itself).
+    """
+
+    def __init__(self, fault: Fault, first_unit: int, workdir: str = "", commit_timeout_s: float = 300.0):
+        self.fault, self.unit, self.workdir, self.commit_timeout_s = fault, first_unit, workdir, commit_timeout_s
+
+    def _previous_unit_committed(self, unit: int) -> None:
+        step = epath.Path(self.workdir) / checkpointing.STATE_DIR / str(unit)
+        deadline = time.monotonic() + self.commit_timeout_s
+        while unit > 0 and self.workdir and not step.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def fire(self, stage: str, unit: int | None = None) -> None:
         """Fire if ``stage`` of ``unit`` (default: the unit in flight) is the fault's."""
-        if self.fault.stage == stage and self.fault.unit == (self.unit if unit is None else unit) and self.unit != -1:
+        unit = self.unit if unit is None else unit
+        if self.fault.stage == stage and self.fault.unit == unit and self.unit != -1:
             self.unit = -1  # a signal that does not kill fires once
+            if stage != "checkpoint":
+                self._previous_unit_committed(unit)
             os.kill(os.getpid(), self.fault.signum)
 
     def commit(self, destination: str) -> None:
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--workdir", default="")
     workdir = flags.parse_known_args(argv[1:])[0].workdir
-    injector = Injector(parse(spec), checkpointing.latest_step(workdir) or 0)
+    injector = Injector(parse(spec), checkpointing.latest_step(workdir) or 0, workdir)
     with before_commit(injector.commit):
         return cli.main(argv, hooks=injector.hooks())
 
