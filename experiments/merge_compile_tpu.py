@@ -47,10 +47,11 @@ def main() -> None:
     config = config_lib.base_config()
     config.method = "lorm"
     method = methods.get("lorm", config)
-    if hasattr(methods, "compile_merges"):  # fast-first merges (this engine)
-        from lorm_jax import metrics
+    if hasattr(methods, "compile_merges"):  # fast-first merges (this engine; the round merge from per-client arrays)
         merges = methods.compile_merges(method)
-        round_fn, tasks_fn, residuals = merges.round.fast, merges.tasks.fast, metrics.residuals_tree.fast
+        round_fn = merging.fast_first(method.merge_round, static_argnames=("factor",)).fast
+        tasks_fn = merges.tasks.fast
+        residuals = merging.fast_first(merging.merge_residuals_tree, static_argnames="dtype").fast
         engine = "fast-first"
     else:  # commit 5fe5c11 and before: plain jit, eigh fallback inline
         round_fn = jax.jit(method.merge_round, static_argnames=("factor",))
