@@ -83,6 +83,7 @@ print(json.dumps({"backend": jax.default_backend(), "merge": np.asarray(jax.jit(
 """
 
 
+@pytest.mark.slow
 @needs_tpu_compiler
 def test_installed_tpu_runtime_changes_no_cpu_result():
     """With libtpu installed and JAX_PLATFORMS unset, jax looks for a TPU, finds none and runs on the CPU: the same
