@@ -283,10 +283,11 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
         programs.append(program)
         return out
 
-    # A round: local training in lanes, the clients' outputs in client order, the Gram pass that sums what the
-    # merge needs (per trained factor), the server merge from the sums, Gram health, merge residuals; each wave of a
-    # round runs the training and sums programs once. The end of a task: the Gram sums of the merged task LoRA, the
-    # cross-task merge, Gram health of the task sums, evaluation.
+    # A round: local training in lanes, the clients' outputs in client order, the Gram pass and the sums the merge
+    # needs (per-client Grams: one Gram program for every round and the task end, then a small contraction per
+    # trained factor; blocks: one pass per factor), the server merge from the sums, Gram health, merge residuals;
+    # each wave of a round runs the training and Gram programs once. The end of a task: the Gram sums of the merged
+    # task LoRA, the cross-task merge, Gram health of the task sums, evaluation.
     waves = [plan.round_waves(setup, t, 0) for t in range(T)]
     per_wave = float(len(waves[0]))
     lanes = [[rounds.lane_layout(setup, t, r) for r in range(min(R, 2))] for t in range(T)]
@@ -303,16 +304,32 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     blocks = setup.schedule.gram_units == "blocks"
     size = len(waves[0][0].clients)
 
-    def sums_calls(stats, lora, head):
-        return [federated.sums_call(setup.programs, setup.backbone.params, setup.train, lora, head, state["lora"],
-                                    state["head"], w[0].gram, keys[t], 1.0, np.ones(size, np.float32),
-                                    np.ones(size, bool), float(size), stats, blocks) for t, w in enumerate(waves)]
-
     trips = [int(w[0].gram["num_batches"]) for w in waves]
+    ones, size_f = np.ones(size, bool), float(size)
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype), (state["lora"], state["head"]))
+    if not blocks:  # one Gram program for the rounds and the task end, a small contraction per Statistics
+        per_client = add("grams", setup.programs.kept_grams,
+                         [federated.kept_grams_call(setup.programs, setup.backbone.params, setup.train, clients["lora"],
+                                                    state["lora"], w[0].gram, keys[t], 1.0, ones)
+                          for t, w in enumerate(waves)], trips, per_round=per_wave, per_task=per_wave)
+
+    def wave_sums(name, stats, lora, head, per_round, per_task=0.0):
+        """The program that forms a wave's sums for ``stats``: the blocks pass, or the contraction of its Grams."""
+        if blocks:
+            calls = [federated.sums_call(setup.programs, setup.backbone.params, setup.train, lora, head, state["lora"],
+                                         state["head"], w[0].gram, keys[t], 1.0, ones * 1.0, ones, size_f, stats, True)
+                     for t, w in enumerate(waves)]
+            calls = [(a, {n: v for n, v in k.items() if n != "blocks"}) for a, k in calls]
+            return add(name, setup.programs.block_sums, calls, trips, per_round=per_round, per_task=per_task)[0]
+        return add(name, setup.programs.contract,
+                   [federated.contract_call(setup.programs, lora, head, state["lora"], state["head"], *per_client,
+                                            ones * 1.0, ones, size_f, stats)], [1] * T, per_round=per_round,
+                   per_task=per_task)
+
     for f in sorted(set(factors)):
         stats = methods.Statistics(setup.method, f, residuals=bool(c.merge_diagnostics and f), dtype=c.merge_dtype)
-        sums, _ = add(f"sums {f or 'head'}", setup.programs.sums, sums_calls(stats, clients["lora"], clients["head"]),
-                      trips, per_round=per_wave * factors.count(f) / R)
+        sums = wave_sums(f"sums {f or 'head'}", stats, clients["lora"], clients["head"],
+                         per_round=per_wave * factors.count(f) / R)
         rows = [rounds.task_rows(setup, t) for t in range(T)]
         add(f"merge_round {f or 'head'}", setup.merges.round.fast,
             [((sums, f, r, state["lora"], state["head"]), {}) for r in rows], [1] * T, per_round=factors.count(f) / R)
@@ -323,9 +340,7 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
                   {"dtype": jnp.dtype(c.merge_dtype)})], [1] * T, per_round=factors.count(f) / R)
     add("gram_health", metrics.gram_health_tree, [(({**grams, "head": sums["clients"]["head_gram"]}, c.merge_dtype),
                                                    {})], [1] * T)
-    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype), (state["lora"], state["head"]))
-    add("sums end", setup.programs.sums, sums_calls(methods.Statistics(), *stacked), trips, per_round=0.0,
-        per_task=per_wave)
+    wave_sums("sums end", methods.Statistics(), *stacked, per_round=0.0, per_task=per_wave)
     add("merge_tasks", setup.merges.tasks.fast,
         [((state["past_b"], state["past_a"], state["task_grams"], np.int32(t + 1)), {}) for t in range(T)],
         [1] * T, per_round=0.0, per_task=1.0)

@@ -70,12 +70,20 @@ class ClientPrograms:
     sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys, num_batches,
          lora_scale, num_samples, include, total, *, num_clients, stats, blocks)
         -> (sums, ok [K])                                                           (see :func:`client_sums`)
+        with ``blocks`` the program ``block_sums`` (same arguments, no ``blocks``), else two programs:
+    kept_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches, lora_scale, include,
+               *, num_clients) -> (grams {path: [K, ...]}, head Grams [K, ...], ok [K])
+    contract(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include, total,
+             *, stats) -> sums                  (for ``lower``: :func:`kept_grams_call`, :func:`contract_call`)
     evaluate(params, head, data, packed, num_batches, class_mask, *, num_segments)
         -> correct predictions per segment (task) [num_segments]                  (see :func:`count_correct`)
     """
     train: Callable
     grams: Callable
     sums: Callable
+    block_sums: Callable
+    kept_grams: Callable
+    contract: Callable
     evaluate: Callable
     by_client: Callable      # ([P, R, ...] lane outputs, lane_of [K], row_of [K]) -> [K, ...], replicated
     take: Callable           # (client-stacked tree, idx [C]) -> its clients idx, replicated
@@ -218,35 +226,49 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
             head = merging.shrink_gram(head, alpha_head)
         return grams, head
 
+    def keep(tree, server, include):
+        """A client left out (``include`` False): the server's arrays in its place (finite; its rows weigh 0)."""
+        return jax.tree.map(lambda x, s: jnp.where(include.reshape((-1,) + (1,) * (x.ndim - 1)), x, s), tree, server)
+
     def packed_sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys,
-                    num_batches, lora_scale, num_samples, include, total, num_clients, stats, blocks):
-        """The sums ``stats`` declares over the clients of a packed pass (see :func:`client_sums`); with ``blocks``
-        the LoRA layers reduce per block (no per-client Gram of a LoRA layer is formed)."""
-        keep = lambda tree, server: jax.tree.map(  # noqa: E731  (a client left out: the server's, finite, weight 0)
-            lambda x, s: jnp.where(include.reshape((-1,) + (1,) * (x.ndim - 1)), x, s), tree, server)
-        client_lora, client_heads = keep(client_lora, server_lora), keep(client_heads, server_head)
-        reduce = Reduction(stats, backbone_gram, alpha_backbone) if blocks else None
+                    num_batches, lora_scale, num_samples, include, total, num_clients, stats):
+        """The sums ``stats`` declares over the clients of a packed pass, the LoRA layers reducing per block (no
+        per-client Gram of a LoRA layer is formed; see :func:`client_sums`)."""
+        client_lora, client_heads = keep(client_lora, server_lora, include), keep(client_heads, server_head, include)
+        reduce = Reduction(stats, backbone_gram, alpha_backbone)
         grams, head, bad = device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale,
                                        include, num_clients, reduce)
         grams, head, bad = jax.lax.psum((grams, head, bad), sharding.CLIENTS)
-        if blocks:
-            _, head = shrink({}, head)
-            ok = include & (bad == 0)
-        else:
-            grams, head = shrink(grams, head)
-            ok = include & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(num_clients, -1)), axis=1)
-                                              for g in jax.tree.leaves((grams, head))]), axis=0)
-            grams = trees.zero_clients(grams, ok)
+        _, head = shrink({}, head)
+        ok = include & (bad == 0)
+        return client_statistics(client_lora, client_heads, grams, head, ok, num_samples, total, stats), ok
+
+    def kept_client_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches, lora_scale,
+                          include, num_clients):
+        """Per-client Grams of a packed pass, shrunk, summed over the devices, with ``ok`` [C] (included, Grams
+        finite); the other clients' Grams are zeros. The same program for every trained factor and the task end."""
+        grams, head, _ = device_pass(gram_params, data, keep(client_lora, server_lora, include), packed, keys,
+                                     num_batches, lora_scale, include, num_clients, None)
+        grams, head = shrink(*jax.lax.psum((grams, head), sharding.CLIENTS))
+        ok = include & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(num_clients, -1)), axis=1)
+                                          for g in jax.tree.leaves((grams, head))]), axis=0)
+        return trees.zero_clients(grams, ok), trees.zero_clients(head, ok), ok
+
+    def contract_grams(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include,
+                       total, stats):
+        """The sums ``stats`` declares from per-client Grams (:func:`kept_client_grams`): layers of one shape
+        vmapped, as the merges do."""
+        client_lora, client_heads = keep(client_lora, server_lora, include), keep(client_heads, server_head, include)
+        grams = merging.map_layers(stats.layer, client_lora, {p: grams[p] for p in client_lora},
+                                   sequential=any(g.ndim == 3 for g in grams.values()))
+        return client_statistics(client_lora, client_heads, grams, head, ok, num_samples, total, stats)
+
+    def client_statistics(client_lora, client_heads, layers, head, ok, num_samples, total, stats):
         head = trees.zero_clients(head, ok)
         samples = jnp.where(ok, num_samples, 0.0)
         weights = jnp.where(total > 0, samples / jnp.where(total > 0, total, 1), 0)
-        if not blocks:
-            grams = {p: grams[p] for p in client_lora}
-            grams = merging.map_layers(stats.layer, client_lora, grams,
-                                       sequential=any(g.ndim == 3 for g in grams.values()))
-        sums = {"layers": grams, "clients": stats.clients(client_lora, client_heads, head, weights),
+        return {"layers": layers, "clients": stats.clients(client_lora, client_heads, head, weights),
                 "samples": {"planned": total, "included": samples.sum()}}
-        return sums, ok
 
     def packed_evaluate(params, head, data, packed, num_batches, class_mask, num_segments):
         """Correct predictions per segment (task) over this device's share of the packed test batches."""
@@ -267,16 +289,17 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     c, r = jax.sharding.PartitionSpec(sharding.CLIENTS), jax.sharding.PartitionSpec()
 
-    def on_mesh(build, split, out_specs, static):
-        """``jit(shard_map(build(**static)))``: arguments flagged in ``split`` are divided over the devices along
-        their leading axis, the others replicated; the ``static`` keyword arguments are compile-time constants."""
-        @functools.partial(jax.jit, static_argnames=static)
+    def on_mesh(name, build, split, out_specs, static):
+        """``jit(shard_map(build(**static)))`` named ``name`` (in compile logs and profiles): arguments flagged in
+        ``split`` are divided over the devices along their leading axis, the others replicated; the ``static``
+        keyword arguments are compile-time constants."""
         def call(*args, **kwargs):
             # check_vma off: replicated initial loop carries (the server LoRA, fresh optimizer state) become
             # per-lane values, which the varying-manual-axes check would reject.
             return jax.shard_map(build(**kwargs), mesh=mesh, in_specs=tuple(c if s else r for s in split),
                                  out_specs=out_specs, check_vma=False)(*args)
-        return call
+        call.__name__ = call.__qualname__ = name
+        return jax.jit(call, static_argnames=static)
 
     lanes_in = (None, None, None, None, 0, None, None, None, None, None)
 
@@ -289,21 +312,40 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
             return jax.tree.map(lambda x: x[None], out)
         return jax.vmap(one, in_axes=lanes_in)(*args)
 
-    train = on_mesh(lambda num_rows: functools.partial(device_lanes, num_rows=num_rows),
+    train = on_mesh("train", lambda num_rows: functools.partial(device_lanes, num_rows=num_rows),
                     [a == 0 for a in lanes_in], c, ("num_rows",))
-    grams = on_mesh(lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
+    grams = on_mesh("grams", lambda num_clients: functools.partial(packed_grams, num_clients=num_clients),
                     (False, False, False, True, False, False, False, False), r, ("num_clients",))
-    sums = on_mesh(lambda num_clients, stats, blocks: functools.partial(packed_sums, num_clients=num_clients,
-                                                                        stats=stats, blocks=blocks),
-                   (False,) * 6 + (True,) + (False,) * 6, r, ("num_clients", "stats", "blocks"))
-    evaluate = on_mesh(lambda num_segments: functools.partial(packed_evaluate, num_segments=num_segments),
+    block_sums = on_mesh("block_sums", lambda num_clients, stats: functools.partial(
+        packed_sums, num_clients=num_clients, stats=stats), (False,) * 6 + (True,) + (False,) * 6, r,
+        ("num_clients", "stats"))
+    kept_grams = on_mesh("kept_grams", lambda num_clients: functools.partial(
+        kept_client_grams, num_clients=num_clients), (False,) * 4 + (True,) + (False,) * 4, r, ("num_clients",))
+    contract = jax.jit(contract_grams, static_argnames=("stats",), out_shardings=sharding.replicated(mesh))
+    evaluate = on_mesh("evaluate", lambda num_segments: functools.partial(packed_evaluate, num_segments=num_segments),
                        (False, False, False, True, False, False), r, ("num_segments",))
+
+    def sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys, num_batches,
+             lora_scale, num_samples, include, total, *, num_clients, stats, blocks):
+        """A wave's sums: the blocks program, or the per-client Grams (one program whatever ``stats`` is: every
+        round and the task end share it) and their contraction (a small program per ``stats``)."""
+        if blocks:
+            return block_sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys,
+                              num_batches, lora_scale, num_samples, include, total, num_clients=num_clients,
+                              stats=stats)
+        grams, head, ok = kept_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches,
+                                     lora_scale, include, num_clients=num_clients)
+        return contract(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include,
+                        total, stats=stats), ok
+
     by_client = jax.jit(lambda out, lane_of, row_of: jax.tree.map(lambda x: x[lane_of, row_of], out),
                         out_shardings=sharding.replicated(mesh))
     take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree), out_shardings=sharding.replicated(mesh))
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=sharding.replicated(mesh))
-    return ClientPrograms(train=train, grams=grams, sums=sums, evaluate=evaluate, by_client=by_client, take=take,
-                          add=add, mesh=mesh, gram_block=gram_block)
+    return ClientPrograms(train=train, grams=grams, sums=sums, block_sums=block_sums, kept_grams=kept_grams,
+                          contract=contract,
+                          evaluate=evaluate, by_client=by_client, take=take, add=add, mesh=mesh,
+                          gram_block=gram_block)
 
 
 def _zero_gram(d: int, mode: str, num_clients: int, dtype=jnp.float32):
@@ -379,7 +421,8 @@ def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packe
 def sums_call(programs: ClientPrograms, gram_params, data, client_lora, client_heads, server_lora, server_head,
               packed: dict, keys, lora_scale, num_samples, include, total: float, stats,
               blocks: bool) -> tuple[tuple, dict]:
-    """``(args, static kwargs)`` of ``programs.sums`` (:func:`client_sums`), placed on the mesh."""
+    """``(args, static kwargs)`` of ``programs.sums`` (:func:`client_sums`), placed on the mesh (with ``blocks``,
+    the kwargs less ``blocks`` are those of ``programs.block_sums``)."""
     mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
     shared = sharding.replicate((gram_params, data, client_lora, client_heads, server_lora, server_head), mesh)
@@ -389,21 +432,42 @@ def sums_call(programs: ClientPrograms, gram_params, data, client_lora, client_h
     return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0]), "stats": stats, "blocks": bool(blocks)}
 
 
+def kept_grams_call(programs: ClientPrograms, gram_params, data, client_lora, server_lora, packed: dict, keys,
+                    lora_scale, include) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.kept_grams`` (:func:`client_sums` without ``blocks``)."""
+    mesh = programs.mesh
+    arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, server_lora), mesh)
+    rest = sharding.replicate((keys, np.int32(packed["num_batches"]), np.float32(lora_scale),
+                               np.asarray(include, bool)), mesh)
+    return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0])}
+
+
+def contract_call(programs: ClientPrograms, client_lora, client_heads, server_lora, server_head, grams, head, ok,
+                  num_samples, include, total: float, stats) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.contract``: the sums of :func:`kept_grams_call`'s per-client Grams."""
+    args = sharding.replicate((client_lora, client_heads, server_lora, server_head, grams, head, ok,
+                               np.asarray(num_samples, np.float32), np.asarray(include, bool), np.float32(total)),
+                              programs.mesh)
+    return args, {"stats": stats}
+
+
 def client_sums(programs: ClientPrograms, gram_params, data, client_lora, client_heads, server_lora, server_head,
                 packed: dict, keys, lora_scale, num_samples, include, total: float, stats, blocks: bool) -> tuple:
     """The sums over the C clients of a packed Gram pass (a wave) that ``stats``
-    (:class:`lorm_jax.methods.base.Statistics`) declares, in one program: ``(sums, ok [C])``, replicated.
+    (:class:`lorm_jax.methods.base.Statistics`) declares: ``(sums, ok [C])``, replicated.
 
     The clients' Gram statistics are taken through ``gram_params`` with their own LoRA (``client_lora`` [C, ...],
     B scaled by ``lora_scale``), shrunk as configured, summed over the devices and contracted with the clients'
     factors: ``sums = {"layers": {path: stats.layer}, "clients": stats.clients, "samples": {"planned": total,
     "included": Σ n_k of the ok clients}}``, FedAvg weights ``n_k / total``. Clients not in ``include`` [C] (or
     whose Grams are not finite: ``ok`` False) contribute exact zeros (their arrays are replaced by the server's).
-    Without ``blocks`` the per-client Grams ``[C, ...]`` are formed and contracted (layers of one shape vmapped, as
-    the merges do); with ``blocks`` every LoRA layer contracts its per-block Grams with the blocks' factors inside
-    the backbone, so no per-client Gram of a LoRA layer exists: the sums then equal the per-client ones up to
-    rounding, and a client whose Grams are not finite has already entered them (``ok`` says which; pass again
-    without it). Head Grams are per client either way."""
+    Without ``blocks`` one program forms the per-client Grams ``[C, ...]`` (the same program whatever ``stats``
+    is: every round and the task end share it) and a small one contracts them (layers of one shape vmapped, as the
+    merges do); with ``blocks`` every LoRA layer contracts its per-block Grams with the blocks' factors inside the
+    backbone, in one program per ``stats``, so no per-client Gram of a LoRA layer exists: the sums then equal the
+    per-client ones up to rounding, and a client whose Grams are not finite has already entered them (``ok`` says
+    which; pass again without it). Head Grams are per client either way."""
     args, kwargs = sums_call(programs, gram_params, data, client_lora, client_heads, server_lora, server_head, packed,
                              keys, lora_scale, num_samples, include, total, stats, blocks)
     return programs.sums(*args, **kwargs)

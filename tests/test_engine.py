@@ -151,16 +151,9 @@ def test_cli_tiny_run(tmp_path):
     assert "final average accuracy" in proc.stdout
 
 
-@pytest.mark.slow
-def test_a_repeated_round_compiles_nothing():
-    """Every program of a round (training, Grams, the server merge, diagnostics) is compiled once: a later round
-    that trains the same factor on the same shapes compiles nothing (eager merges re-compiled each ``lax.cond``)."""
+def _compiled_programs(fn):
+    """The names of the programs XLA compiles while ``fn()`` runs (jax's compile log)."""
     import logging
-    # full backbone Grams: the merge switches between Cholesky and the eigh pseudo-inverse with a lax.cond
-    setup = plan.build_setup(small_config(rounds=3, alpha_backbone=0.5, eval_every_round=True))
-    state = rounds.initial_state(setup)
-    state, _ = rounds.run_round(setup, state, 0, 0)  # B
-    state, _ = rounds.run_round(setup, state, 0, 1)  # A
     compiled = []
     handler = logging.Handler()
     handler.emit = lambda record: compiled.append(record.getMessage())
@@ -168,10 +161,42 @@ def test_a_repeated_round_compiles_nothing():
     logger.addHandler(handler)
     try:
         with jax.log_compiles(True):
-            rounds.run_round(setup, state, 0, 2)  # B again
+            fn()
     finally:
         logger.removeHandler(handler)
-    assert not [m for m in compiled if "Finished XLA compilation" in m], compiled
+    return [m.split("Finished XLA compilation of ")[1].split(" in ")[0] for m in compiled
+            if "Finished XLA compilation of " in m]
+
+
+@pytest.mark.slow
+def test_a_repeated_round_compiles_nothing():
+    """Every program of a round (training, Grams, the server merge, diagnostics) is compiled once: a later round
+    that trains the same factor on the same shapes compiles nothing (eager merges re-compiled each ``lax.cond``)."""
+    # full backbone Grams: the merge switches between Cholesky and the eigh pseudo-inverse with a lax.cond
+    setup = plan.build_setup(small_config(rounds=3, alpha_backbone=0.5, eval_every_round=True))
+    state = rounds.initial_state(setup)
+    state, _ = rounds.run_round(setup, state, 0, 0)  # B
+    state, _ = rounds.run_round(setup, state, 0, 1)  # A
+    compiled = _compiled_programs(lambda: rounds.run_round(setup, state, 0, 2))  # B again
+    assert not compiled, compiled
+
+
+def test_rounds_and_the_task_end_share_one_gram_program():
+    """Per-client Grams (a round in one wave): the B round, the A round and the task end run one compiled Gram pass
+    (the backbone compiled once, whatever the factor); only the small contraction is compiled per factor."""
+    setup = plan.build_setup(small_config(**ONE_BLOCK))  # its own programs: nothing compiled yet
+    assert setup.schedule.gram_units == "clients"
+    state = rounds.initial_state(setup)
+
+    def task():
+        after_b, _ = rounds.run_round(setup, state, 0, 0)
+        after_a, _ = rounds.run_round(setup, after_b, 0, 1)
+        rounds.end_task(setup, after_a, 0)
+
+    names = _compiled_programs(task)
+    assert names.count("jit(kept_grams)") == 1, names
+    assert names.count("jit(contract_grams)") == 3, names  # B, A, the task end's Gram sums
+    assert "jit(block_sums)" not in names
 
 
 def test_warm_up_compiles_every_program_a_round_and_a_task_end_call():
