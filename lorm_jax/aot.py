@@ -305,25 +305,24 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     size = len(waves[0][0].clients)
 
     trips = [int(w[0].gram["num_batches"]) for w in waves]
-    ones, size_f = np.ones(size, bool), float(size)
+    everyone, samples = np.ones(size, bool), np.ones(size, np.float32)  # every client included, one sample each
     stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype), (state["lora"], state["head"]))
     if not blocks:  # one Gram program for the rounds and the task end, a small contraction per Statistics
         per_client = add("grams", setup.programs.kept_grams,
                          [federated.kept_grams_call(setup.programs, setup.backbone.params, setup.train, clients["lora"],
-                                                    state["lora"], w[0].gram, keys[t], 1.0, ones)
+                                                    state["lora"], w[0].gram, keys[t], 1.0, everyone)
                           for t, w in enumerate(waves)], trips, per_round=per_wave, per_task=per_wave)
 
     def wave_sums(name, stats, lora, head, per_round, per_task=0.0):
         """The program that forms a wave's sums for ``stats``: the blocks pass, or the contraction of its Grams."""
         if blocks:
             calls = [federated.sums_call(setup.programs, setup.backbone.params, setup.train, lora, head, state["lora"],
-                                         state["head"], w[0].gram, keys[t], 1.0, ones * 1.0, ones, size_f, stats, True)
+                                         state["head"], w[0].gram, keys[t], 1.0, samples, everyone, float(size), stats)
                      for t, w in enumerate(waves)]
-            calls = [(a, {n: v for n, v in k.items() if n != "blocks"}) for a, k in calls]
             return add(name, setup.programs.block_sums, calls, trips, per_round=per_round, per_task=per_task)[0]
         return add(name, setup.programs.contract,
                    [federated.contract_call(setup.programs, lora, head, state["lora"], state["head"], *per_client,
-                                            ones * 1.0, ones, size_f, stats)], [1] * T, per_round=per_round,
+                                            samples, everyone, float(size), stats)], [1] * T, per_round=per_round,
                    per_task=per_task)
 
     for f in sorted(set(factors)):

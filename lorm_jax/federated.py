@@ -241,15 +241,15 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
         grams, head, bad = jax.lax.psum((grams, head, bad), sharding.CLIENTS)
         _, head = shrink({}, head)
         ok = include & (bad == 0)
+        head = trees.zero_clients(head, ok)
         return client_statistics(client_lora, client_heads, grams, head, ok, num_samples, total, stats), ok
 
     def kept_client_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches, lora_scale,
                           include, num_clients):
         """Per-client Grams of a packed pass, shrunk, summed over the devices, with ``ok`` [C] (included, Grams
         finite); the other clients' Grams are zeros. The same program for every trained factor and the task end."""
-        grams, head, _ = device_pass(gram_params, data, keep(client_lora, server_lora, include), packed, keys,
-                                     num_batches, lora_scale, include, num_clients, None)
-        grams, head = shrink(*jax.lax.psum((grams, head), sharding.CLIENTS))
+        grams, head = packed_grams(gram_params, data, keep(client_lora, server_lora, include), packed, keys,
+                                   num_batches, lora_scale, include, num_clients)
         ok = include & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(num_clients, -1)), axis=1)
                                           for g in jax.tree.leaves((grams, head))]), axis=0)
         return trees.zero_clients(grams, ok), trees.zero_clients(head, ok), ok
@@ -264,7 +264,7 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
         return client_statistics(client_lora, client_heads, grams, head, ok, num_samples, total, stats)
 
     def client_statistics(client_lora, client_heads, layers, head, ok, num_samples, total, stats):
-        head = trees.zero_clients(head, ok)
+        """The sums dict of :func:`client_sums` from the layers' sums and the head Grams (zero where not ``ok``)."""
         samples = jnp.where(ok, num_samples, 0.0)
         weights = jnp.where(total > 0, samples / jnp.where(total > 0, total, 1), 0)
         return {"layers": layers, "clients": stats.clients(client_lora, client_heads, head, weights),
@@ -343,8 +343,7 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
     take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree), out_shardings=sharding.replicated(mesh))
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=sharding.replicated(mesh))
     return ClientPrograms(train=train, grams=grams, sums=sums, block_sums=block_sums, kept_grams=kept_grams,
-                          contract=contract,
-                          evaluate=evaluate, by_client=by_client, take=take, add=add, mesh=mesh,
+                          contract=contract, evaluate=evaluate, by_client=by_client, take=take, add=add, mesh=mesh,
                           gram_block=gram_block)
 
 
@@ -419,17 +418,16 @@ def client_grams(programs: ClientPrograms, gram_params, data, client_lora, packe
 
 
 def sums_call(programs: ClientPrograms, gram_params, data, client_lora, client_heads, server_lora, server_head,
-              packed: dict, keys, lora_scale, num_samples, include, total: float, stats,
-              blocks: bool) -> tuple[tuple, dict]:
-    """``(args, static kwargs)`` of ``programs.sums`` (:func:`client_sums`), placed on the mesh (with ``blocks``,
-    the kwargs less ``blocks`` are those of ``programs.block_sums``)."""
+              packed: dict, keys, lora_scale, num_samples, include, total: float, stats) -> tuple[tuple, dict]:
+    """``(args, static kwargs)`` of ``programs.block_sums``, placed on the mesh; ``programs.sums`` takes them and
+    ``blocks`` (:func:`client_sums`)."""
     mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
     shared = sharding.replicate((gram_params, data, client_lora, client_heads, server_lora, server_head), mesh)
     rest = sharding.replicate((keys, np.int32(packed["num_batches"]), np.float32(lora_scale),
                                np.asarray(num_samples, np.float32), np.asarray(include, bool), np.float32(total)),
                               mesh)
-    return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0]), "stats": stats, "blocks": bool(blocks)}
+    return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0]), "stats": stats}
 
 
 def kept_grams_call(programs: ClientPrograms, gram_params, data, client_lora, server_lora, packed: dict, keys,
@@ -469,8 +467,8 @@ def client_sums(programs: ClientPrograms, gram_params, data, client_lora, client
     per-client ones up to rounding, and a client whose Grams are not finite has already entered them (``ok`` says
     which; pass again without it). Head Grams are per client either way."""
     args, kwargs = sums_call(programs, gram_params, data, client_lora, client_heads, server_lora, server_head, packed,
-                             keys, lora_scale, num_samples, include, total, stats, blocks)
-    return programs.sums(*args, **kwargs)
+                             keys, lora_scale, num_samples, include, total, stats)
+    return programs.sums(*args, **kwargs, blocks=bool(blocks))
 
 
 def evaluate_call(programs: ClientPrograms, params, head, data, packed: dict, class_mask,
