@@ -256,12 +256,13 @@ def _compile(name: str, fn: Callable, calls: list, trips: list, *, per_round: fl
 
 
 def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str | None = None,
-                compile: bool = True) -> tuple[list, object]:
+                compile: bool = True, only: tuple[str, ...] | None = None) -> tuple[list, object]:
     """Compile every program of the run ``config`` for ``devices``; returns the programs and the (shapes-only) setup.
 
     The setup is :func:`lorm_jax.plan.assemble` on an abstract backbone (:func:`lorm_jax.backbones.abstract`) and an
     abstract dataset (:func:`abstract_dataset`), on a 1-D ``clients`` mesh over ``devices``; every program is lowered
-    with the arguments the run itself would pass (the engine's own ``*_call`` functions), as shapes.
+    with the arguments the run itself would pass (the engine's own ``*_call`` functions), as shapes. ``only``: the
+    names of the programs to compile; the others are lowered only (for their output shapes and the cost model).
     """
     config_lib.validate(config)
     c = methods.effective_config(config)
@@ -279,7 +280,7 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
 
     def add(name, fn, calls, trips, per_round=1.0, per_task=0.0):
         program, out = _compile(name, fn, calls, trips, per_round=per_round, per_task=per_task, mesh=mesh,
-                                compile=compile)
+                                compile=compile and (only is None or name in only))
         programs.append(program)
         return out
 
@@ -453,6 +454,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", metavar="OUT", help="write the table and the summary as JSON")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="lower only: the loop-aware cost model "
                    "and predicted times in seconds, without XLA's compile time, memory and cost figures")
+    p.add_argument("--only", metavar="NAMES", help="comma-separated program names to compile (e.g. 'evaluate,grams'); "
+                   "the others are lowered only")
     args, rest = p.parse_known_args(argv)
     overrides, stray = config_lib.split_overrides(rest)
     if stray:
@@ -461,7 +464,8 @@ def main(argv: list[str]) -> int:
     devices, chip = topology_devices(args.topology)
     budget = None if chip is None else int(args.budget * chip.hbm_bytes)
     try:
-        programs, setup = compile_run(config, devices, budget_bytes=budget, dtype=args.dtype, compile=args.compile)
+        programs, setup = compile_run(config, devices, budget_bytes=budget, dtype=args.dtype, compile=args.compile,
+                                      only=tuple(args.only.split(",")) if args.only else None)
     except Exception as e:  # noqa: BLE001 - XLA refuses a program larger than the chip's memory at compile time
         if "RESOURCE_EXHAUSTED" in str(e) or "exceeds" in str(e).lower() and "memory" in str(e).lower():
             raise config_lib.InputError(f"aot: {args.config} does not fit {args.topology}: "

@@ -256,12 +256,11 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
 
     def contract_grams(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include,
                        total, stats):
-        """The sums ``stats`` declares from per-client Grams (:func:`kept_client_grams`): layers of one shape
-        vmapped, as the merges do."""
+        """The sums ``stats`` declares from per-client Grams (:func:`kept_client_grams`; layers as
+        :meth:`methods.Statistics.layers`)."""
         client_lora, client_heads = keep(client_lora, server_lora, include), keep(client_heads, server_head, include)
-        grams = merging.map_layers(stats.layer, client_lora, {p: grams[p] for p in client_lora},
-                                   sequential=any(g.ndim == 3 for g in grams.values()))
-        return client_statistics(client_lora, client_heads, grams, head, ok, num_samples, total, stats)
+        return client_statistics(client_lora, client_heads, stats.layers(client_lora, grams), head, ok, num_samples,
+                                 total, stats)
 
     def client_statistics(client_lora, client_heads, layers, head, ok, num_samples, total, stats):
         """The sums dict of :func:`client_sums` from the layers' sums and the head Grams (zero where not ``ok``)."""

@@ -236,6 +236,28 @@ def test_jit_and_vmap_over_layers():
         assert_within(batched_full[i], batched[i], 4 * gamma(3 * 8 + 4) * abs_terms, "full vs diagonal:")
 
 
+
+def test_accelerators_sum_over_clients_in_a_loop_that_equals_the_cpu_matmul():
+    """``Σ_k X_k Y_k``: the CPU forms it as one matmul (the head's RegMean sums) or one einsum (``Σ_k B_k A_k G_k``),
+    accelerators as a loop over k (:func:`merging.sum_of_products`, for XLA's TPU compile time). Both add the same
+    K·n products per entry in some order: 2 γ_{K·n} of the absolute terms apart."""
+    rng = np.random.default_rng(12)
+    for k, m, n, p in ((4, 6, 16, 16), (3, 9, 2, 24)):  # a head's W_k G_k; rank-2 B_k (A_k G_k)
+        x = jnp.asarray(rng.normal(size=(k, m, n)), jnp.float32)
+        y = jnp.asarray(rng.normal(size=(k, n, p)), jnp.float32)
+        looped = jax.jit(merging.sum_of_products)(x, y)
+        cpu = jnp.einsum("kmn,knp->mp", x, y, precision=jax.lax.Precision.HIGHEST)
+        abs_terms = np.einsum("kmn,knp->mp", np.abs(x), np.abs(y))
+        assert_within(looped, cpu, 2 * gamma(k * n) * abs_terms, "loop over k:")
+    g = jnp.asarray(rng.uniform(0.1, 2.0, size=(3, 16)), jnp.float32)
+    e, _ = merging.regmean_lowrank_system(jnp.asarray(rng.normal(size=(3, 5, 2)), jnp.float32),
+                                          jnp.asarray(rng.normal(size=(3, 2, 16)), jnp.float32), g)
+    assert e.shape == (5, 16)
+    for platform, loops in (("cpu", False), ("tpu", True)):  # the branch each platform lowers
+        text = jax.jit(merging.regmean_lowrank_system).trace(
+            jnp.zeros((3, 5, 2)), jnp.zeros((3, 2, 16)), g).lower(lowering_platforms=(platform,)).as_text()
+        assert ("while" in text) == loops, platform
+
 # the fast lane runs A with full Grams and B with diagonal ones; the other two in the full suite
 @pytest.mark.parametrize("factor, gram_kind", [("A", "full"), ("B", "diag"),
                                                pytest.param("A", "diag", marks=pytest.mark.slow),

@@ -3,7 +3,8 @@
 Layout is NHWC / HWC. Sizes, scale/ratio ranges and the interpolation method are static Python values; keys and
 images may be traced. Interpolation methods: ``"bilinear"`` (= ``"linear"``), ``"bicubic"`` (= ``"cubic"``, Keys
 kernel a = -0.5, while PyTorch uses a = -0.75), ``"lanczos3"``, ``"lanczos5"``; :func:`resize` also accepts
-``"nearest"``. Transform outputs are clipped to [0, 1] (bicubic/lanczos can overshoot).
+``"nearest"``. Transform outputs are clipped to [0, 1] (bicubic/lanczos can overshoot). Resampling matmuls run at
+``RESAMPLE_PRECISION`` (HIGH: float32 on CPUs, three bfloat16 passes on TPUs).
 
 Reference pipelines expressed with these functions (``x`` uint8 NHWC, ``k`` a key):
 
@@ -36,6 +37,11 @@ HALF_MEAN = (0.5, 0.5, 0.5)  # ViT-B/16 augreg_in21k native normalisation
 HALF_STD = (0.5, 0.5, 0.5)
 
 _SCALE_METHODS = ("linear", "bilinear", "cubic", "bicubic", "lanczos3", "lanczos5")
+# Resampling is a matmul with the kernel's weights. jax.image's default (HIGHEST: float32 as six bfloat16 passes on a
+# TPU) takes XLA's TPU compiler 7.6 s for a batch of 16 random resized crops at 224 px, HIGH (three passes, ~1e-5 of
+# the pixel range, far below the uint8 source's 1/255 step) 4.5 s (docs/TPU.md). CPUs compute float32 either way
+# (bit-identical results).
+RESAMPLE_PRECISION = jax.lax.Precision.HIGH
 
 
 def to_float(images) -> jax.Array:
@@ -55,7 +61,8 @@ def to_float(images) -> jax.Array:
 def resize(images, size: int, method: str = "bilinear", antialias: bool = True) -> jax.Array:
     """``[B, H, W, C] -> [B, size, size, C]`` with ``jax.image.resize`` (antialiased when downsampling)."""
     b, _, _, c = images.shape
-    return jax.image.resize(images, (b, size, size, c), method=method, antialias=antialias)
+    return jax.image.resize(images, (b, size, size, c), method=method, antialias=antialias,
+                            precision=RESAMPLE_PRECISION)
 
 
 def rrc_params(key, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
@@ -105,7 +112,7 @@ def _crop_resize(image, top, left, h, w, out_size: int, method: str):
     return jax.image.scale_and_translate(
         image, (out_size, out_size, image.shape[-1]), (0, 1),
         jnp.stack([sy, sx]).astype(jnp.float32), jnp.stack([-top * sy, -left * sx]).astype(jnp.float32),
-        method=method, antialias=False)
+        method=method, antialias=False, precision=RESAMPLE_PRECISION)
 
 
 def random_resized_crop(key, image, out_size: int, scale: Sequence[float] = (0.08, 1.0),

@@ -136,6 +136,12 @@ class Statistics:
             out["residual"] = merging.residual_sums(factors["B"], factors["A"], grams, dtype=jnp.dtype(self.dtype))
         return out
 
+    def layers(self, client_lora, grams) -> dict:
+        """:meth:`layer` of every LoRA layer (``grams`` {path: [K, ...]}): layers of one shape in one vmapped body for
+        diagonal Grams, layer by layer for full ones (:func:`merging.map_layers`)."""
+        grams = {p: grams[p] for p in client_lora}
+        return merging.map_layers(self.layer, client_lora, grams, sequential=any(g.ndim == 3 for g in grams.values()))
+
     def clients(self, client_lora, client_heads, head_grams, weights) -> dict:
         out = {"head_gram": merging.client_sum(head_grams)}
         if self.method is not None:
@@ -143,15 +149,12 @@ class Statistics:
         return out
 
     def from_clients(self, client_lora, grams, client_heads, head_grams, num_samples) -> dict:
-        """The sums of clients given whole (``[K, ...]`` arrays, every excluded client finite with weight 0): layers
-        of one shape in one vmapped body for diagonal Grams, layer by layer for full ones (:func:`merging.map_layers`);
-        ``grams`` / ``head_grams`` may be None (a method that needs none)."""
+        """The sums of clients given whole (``[K, ...]`` arrays, every excluded client finite with weight 0; layers as
+        :meth:`layers`); ``grams`` / ``head_grams`` may be None (a method that needs none)."""
         num_samples = jnp.asarray(num_samples, jnp.float32)
         out = {"samples": {"planned": num_samples.sum(), "included": num_samples.sum()}}
         if grams is not None:
-            grams = {p: grams[p] for p in client_lora}
-            out["layers"] = merging.map_layers(self.layer, client_lora, grams,
-                                               sequential=any(g.ndim == 3 for g in grams.values()))
+            out["layers"] = self.layers(client_lora, grams)
         weights = merging.fedavg_weights(num_samples)
         if head_grams is None:
             out["clients"] = {"merge": self.method.client_sums(client_lora, client_heads, None, weights, self.factor)}
