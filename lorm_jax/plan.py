@@ -265,7 +265,7 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     """Waves (the memory plan's, or ``config.clients_per_wave``), lanes (``config.client_lanes`` or the memory
     plan's and :func:`memory.choose_lanes`' choice), the packing of every wave's clients into them, and the packed
     Gram / evaluation shapes, the largest over every unit of the run; logged before the run."""
-    devices = sharding.mesh_size(mesh)
+    devices, platform = sharding.mesh_size(mesh), mesh.devices.flat[0].platform
     gram_bs = c.gram_batch_size or c.batch_size
     backbone_gram = "diag" if c.alpha_backbone == 0 else "full"
     # Full Grams: blocks of >= 64 rows keep the per-block Gram dots efficient (one example per block would form a
@@ -283,7 +283,7 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     steps = [data_lib.steps_per_client([len(p) for p in parts], c.batch_size, c.epochs) for parts in partitions]
     groups = _wave_groups(c, partitions, plan.wave_clients)
     lanes = memory.choose_lanes([steps[t][w] for (t, _), waves in groups.items() for w in waves], devices=devices,
-                                platform=mesh.devices.flat[0].platform, max_lanes=plan.max_lanes,
+                                platform=platform, max_lanes=plan.max_lanes,
                                 requested=c.client_lanes)
     members = {key: [data_lib.pack_lanes(steps[key[0]][w], lanes) for w in waves] for key, waves in groups.items()}
     num_rows = 1 + max(len(lane) for m in members.values() for wave in m for lane in wave)
@@ -300,7 +300,7 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     most = max(gram_blocks(c, partitions[t], w, block, devices) for (t, _), waves in groups.items() for w in waves)
     most_per_batch = memory.gram_blocks_per_batch(backbone, gram_bs, block, backbone_gram)
     gram_batches = max(1, -(-most // most_per_batch))
-    align = batch_alignment(mesh)
+    align = batch_alignment(platform)
     schedule = Schedule(lanes=lanes, steps=steps, waves=None, num_steps=num_steps, num_slots=num_slots,
                         num_rows=num_rows, wave_clients=plan.wave_clients, gram_units=plan.gram_units,
                         gram_block=block, gram_batches=gram_batches,
@@ -316,11 +316,12 @@ def plan_schedule(c, backbone, mesh, partitions, task_test, num_classes: int, tr
     return schedule
 
 
-def batch_alignment(mesh) -> int:
-    """Examples per packed batch are best a multiple of this on ``mesh``'s platform: 16 on TPU, whose bfloat16 tiles
-    are (16, 128) — a ViT-B/16 evaluation batch of 125 examples (24 625 token rows) compiles for a v5e in 28 s, one
-    of 128 in ~15 s (docs/TPU.md: the odd row count turns free reshapes into relayout copies) — 1 elsewhere."""
-    return 16 if mesh.devices.flat[0].platform == "tpu" else 1
+def batch_alignment(platform: str) -> int:
+    """Examples per packed batch are best a multiple of this on ``platform``: 16 on TPU, whose bfloat16 tiles are
+    (16, 128) — the paper run's evaluation with batches of 125 examples (24 625 token rows) compiles for a v5e in
+    25–30 s, with 128 in 15–18 s (docs/TPU.md: the odd row count turns free reshapes into relayout copies) — 1
+    elsewhere."""
+    return 16 if platform == "tpu" else 1
 
 
 def aligned_blocks(per_batch: int, block: int, most: int, align: int) -> int:
