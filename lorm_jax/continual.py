@@ -94,11 +94,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             log.info("resumed %s at unit %d/%d", workdir, int(state["unit"]), total)
         workdir_lib.truncate_metrics(workdir, int(state["unit"]))
         workdir_lib.write_json(workdir_lib.path(workdir, "partition.json"), _partition_info(setup))
-        if int(state["unit"]) < total:
-            rounds.warm_up(setup, state, int(state["unit"]) // units_per_task)
+        compiled = (rounds.warm_up(setup, state, int(state["unit"]) // units_per_task) if int(state["unit"]) < total
+                    else lambda: None)
         events = (stack.enter_context(events_lib.EventWriter(workdir))
                   if c.tensorboard and distributed.is_primary() else None)
         state = _run_units(setup, state, workdir, checkpoints, events, progress, hooks)
+        compiled()
     return _finish(setup, state, workdir, time.time() - start)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 from typing import Callable
 
@@ -32,6 +33,7 @@ import numpy as np
 from lorm_jax import data as data_lib
 from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
 from lorm_jax import lora as lora_lib
+from lorm_jax.backbones.common import add_delta, lora_shapes_of
 from lorm_jax.methods.base import Statistics
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup
@@ -68,26 +70,53 @@ def _no_loop_trips(name: str, fn: Callable) -> Callable:
     return call
 
 
-def warm_up(setup: Setup, state: dict, task: int = 0) -> None:
-    """Compile the programs the run calls before its first unit, two at a time.
+def _shapes_of_training(name: str, fn: Callable) -> Callable:
+    """:func:`_no_loop_trips`, but local training is traced, not compiled, and gives outputs of its shapes (zeros;
+    flags true: every client finished): a dry round that compiles its merges while another thread compiles the
+    training program."""
+    if name != "train":
+        return _no_loop_trips(name, fn)
 
-    A dry round of each trained factor and a dry end of task run the run's own code on ``setup`` with every loop
-    emptied (trip count 0): each program is compiled (and cached by ``jax.jit``) exactly as the run will call it, at
-    no cost but the compilation. XLA:CPU compiles a program on one thread, so local training and a task's end
-    compile side by side, then the two factors' server merges. Single-process, single-device runs only: on a mesh,
-    programs with collectives are not run from two threads at once (they compile at their first real call).
+    def call(*args, **kwargs):
+        shapes = jax.eval_shape(functools.partial(fn, **kwargs), *args)
+        return jax.tree.map(lambda s: (jnp.ones if s.dtype == bool else jnp.zeros)(s.shape, s.dtype), shapes)
+    return call
+
+
+def warm_up(setup: Setup, state: dict, task: int = 0) -> Callable[[], None]:
+    """Compile the programs of task ``task``'s units, those of its first round before returning, the others in the
+    background while that round runs; returns ``finish()``, which waits for the background ones (re-raising a failure).
+
+    A dry round of each trained factor, a dry end of task and the next task's Gram network run the run's own code on
+    ``setup`` with every loop emptied (trip count 0): each program is compiled (and cached by ``jax.jit``) exactly as
+    the run will call it, at no cost but the compilation. Two threads: local training, then the first round's merges
+    on one; on the other the task end (its Gram pass is the rounds' too), then the other rounds'. A program the run
+    calls while a thread compiles it waits for that compilation (``jax.jit`` compiles a program once). Single-process,
+    single-device runs only: on a mesh, programs with collectives are not run from two threads at once (they compile
+    at their first real call).
     """
     if sharding.mesh_size(setup.programs.mesh) != 1 or jax.process_count() != 1:
-        return
-    dry = instrument(setup, _no_loop_trips)
+        return lambda: None
+    dry, untrained = instrument(setup, _no_loop_trips), instrument(setup, _shapes_of_training)
     first_round = {setup.method.train_factor(r): r for r in reversed(range(setup.config.rounds))}
+    first, *later = sorted(first_round.values())
     wave = plan.round_waves(setup, task, 0)[0]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for phase in ([lambda: client_training(dry, state["lora"], state["head"], task, 0, wave),
-                       lambda: end_task(dry, state, task, max_waves=1)],
-                      [lambda r=r: run_round(dry, state, task, r, max_waves=1) for r in first_round.values()]):
-            for job in [pool.submit(_in_caller_context(fn)) for fn in phase]:
-                job.result()
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lorm-jax-warm-up")
+    submit = lambda fn: pool.submit(_in_caller_context(fn))  # noqa: E731
+    now = [submit(lambda: client_training(dry, state["lora"], state["head"], task, 0, wave)),
+           submit(lambda: run_round(untrained, state, task, first, max_waves=1))]
+    background = [submit(lambda: end_task(dry, state, task, max_waves=1))]
+    background += [submit(lambda r=r: run_round(dry, state, task, r, max_waves=1)) for r in later]
+    if task + 1 < setup.num_tasks:
+        background.append(submit(lambda: gram_network(setup, state, task + 1)))
+    pool.shutdown(wait=False)
+    for job in now:
+        job.result()
+
+    def finish() -> None:
+        for job in background:
+            job.result()
+    return finish
 
 
 def _in_caller_context(fn: Callable) -> Callable:
@@ -170,11 +199,13 @@ def initial_state(setup: Setup) -> dict:
     })
 
 
-def _prefix_delta(state: dict, num_tasks: int) -> dict:
-    """``Σ_{τ < num_tasks} B_τ A_τ`` per layer (the reference's old_delta times the number of tasks)."""
-    mask = (np.arange(state["past_b"][next(iter(state["past_b"]))].shape[0]) < num_tasks).astype(np.float32)
-    return {p: jnp.einsum("t,tor,trd->od", mask, state["past_b"][p], state["past_a"][p],
-                          precision=jax.lax.Precision.HIGHEST) for p in state["past_b"]}
+@jax.jit
+def _filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: jax.Array):
+    """``W0 + scale · Σ_τ mask_τ B_τ A_τ`` per layer (``mask`` [T]: the finished tasks), as one program: the frozen
+    weights of the filler network. past_b/past_a ``{path: [T, d_out, r]}`` / ``{path: [T, r, d_in]}``."""
+    old = {p: jnp.einsum("t,tor,trd->od", mask, past_b[p], past_a[p], precision=jax.lax.Precision.HIGHEST)
+           for p in past_b}
+    return add_delta(params, {p: d * scale for p, d in old.items()}, lora_shapes_of(params))
 
 
 def gram_network(setup: Setup, state: dict, task: int):
@@ -186,8 +217,8 @@ def gram_network(setup: Setup, state: dict, task: int):
     if setup.config.gram_network == "trained" or task == 0:
         return bb.params, 1.0
     scale = 1.0 / (task + 1)
-    old = _prefix_delta(state, task)
-    return bb.add_delta(bb.params, {p: d * scale for p, d in old.items()}), scale
+    mask = (np.arange(setup.num_tasks) < task).astype(np.float32)  # the tasks before this one
+    return _filler_params(bb.params, state["past_b"], state["past_a"], mask, np.float32(scale)), scale
 
 
 def evaluate(setup: Setup, params, head, task: int) -> np.ndarray:

@@ -200,11 +200,14 @@ def test_rounds_and_the_task_end_share_one_gram_program():
 
 
 def test_warm_up_compiles_every_program_a_round_and_a_task_end_call():
-    """rounds.warm_up runs a dry round of each factor and a dry task end (loops of 0 trips) before the first unit, two
-    at a time: the real round and task end then trace (and compile) none of their programs again."""
+    """rounds.warm_up runs a dry round of each factor and a dry task end (loops of 0 trips), two at a time, the first
+    round's before it returns and the rest by the time its ``finish()`` returns: the real round and task end then
+    trace (and compile) none of their programs again."""
     setup = plan.build_setup(small_config(**ONE_BLOCK))  # its own programs: nothing compiled or traced yet
     state = rounds.initial_state(setup)
-    rounds.warm_up(setup, state)
+    finish = rounds.warm_up(setup, state)
+    assert setup.programs.train._cache_size() == 1  # compiled before warm_up returns, with the first round's merges
+    finish()
     traced = []
     listener = lambda name, secs, **_: traced.append(name) if name.endswith("jaxpr_trace_duration") else None  # noqa
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -223,8 +226,11 @@ def test_warm_up_compiles_every_program_a_round_and_a_task_end_call():
         state, line = rounds.run_round(watched, state, 0, 0)
         assert line["loss"] > 0  # real work: the dry run changed nothing
         state, _ = rounds.run_round(watched, state, 0, 1)
-        rounds.end_task(watched, state, 0)
+        state, _ = rounds.end_task(watched, state, 0)
+        before = len(traced)
+        rounds.gram_network(setup, state, 1)  # the next task's filler network, compiled by finish() too
+        calls.append(("gram_network", len(traced) - before))
     finally:
         jax.monitoring.clear_event_listeners()
-    assert {name for name, _ in calls} == set(rounds.STAGES)
+    assert {name for name, _ in calls} == {*rounds.STAGES, "gram_network"}
     assert [c for c in calls if c[1]] == [], calls
