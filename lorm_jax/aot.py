@@ -344,6 +344,11 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
     add("merge_tasks", setup.merges.tasks.fast,
         [((state["past_b"], state["past_a"], state["task_grams"], np.int32(t + 1)), {}) for t in range(T)],
         [1] * T, per_round=0.0, per_task=1.0)
+    if c.gram_network == "filler" and T > 1:  # the frozen weights of task t's Gram passes, t >= 1 (rounds.gram_network)
+        add("filler", rounds.filler_params,
+            [((setup.backbone.params, state["past_b"], state["past_a"], (np.arange(T) < t).astype(np.float32),
+               np.float32(1 / (t + 1))), {}) for t in range(T)], [1] * T,
+            per_round=(T - 1) / T, per_task=(T - 1) / T)
     add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype), {"stacked": True})],
         [1] * T, per_round=0.0, per_task=1.0)
     evals = setup.schedule.eval_packed

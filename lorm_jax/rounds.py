@@ -29,11 +29,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lorm_jax import data as data_lib
 from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
 from lorm_jax import lora as lora_lib
-from lorm_jax.backbones.common import add_delta, lora_shapes_of
+from lorm_jax.backbones.common import lora_shapes_of, stack_layers
 from lorm_jax.methods.base import Statistics
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup
@@ -200,12 +201,23 @@ def initial_state(setup: Setup) -> dict:
 
 
 @jax.jit
-def _filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: jax.Array):
-    """``W0 + scale · Σ_τ mask_τ B_τ A_τ`` per layer (``mask`` [T]: the finished tasks), as one program: the frozen
-    weights of the filler network. past_b/past_a ``{path: [T, d_out, r]}`` / ``{path: [T, r, d_in]}``."""
-    old = {p: jnp.einsum("t,tor,trd->od", mask, past_b[p], past_a[p], precision=jax.lax.Precision.HIGHEST)
-           for p in past_b}
-    return add_delta(params, {p: d * scale for p, d in old.items()}, lora_shapes_of(params))
+def filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: jax.Array):
+    """``W0 + scale · Σ_τ mask_τ B_τ A_τ`` per layer (``mask`` [T]: the finished tasks): the frozen weights of the
+    filler network, as one program. past_b/past_a ``{path: [T, d_out, r]}`` / ``{path: [T, r, d_in]}``.
+
+    The layers of one kind are stacked over blocks, as their kernels are, and their products taken in a loop (one
+    product to compile per kind: 4 for a ViT, not 48; TPU v5e, ViT-B/16: 6.7 s instead of 10.9). The scaled product
+    leaves the loop before it is added, so XLA:CPU cannot fuse ``W0 + Δ·scale`` into a multiply-add that rounds
+    differently from the product and the sum taken one after the other."""
+    shapes = lora_shapes_of(params)
+    b, a = (traverse_util.flatten_dict(stack_layers(x, shapes)) for x in (past_b, past_a))
+    flat = traverse_util.flatten_dict(params)
+    for key in b:  # (blocks, *layer): [depth, T, d_out, r] and [depth, T, r, d_in]
+        delta = jax.lax.map(lambda ba: scale * jnp.einsum("t,tor,trd->od", mask, *ba,
+                                                          precision=jax.lax.Precision.HIGHEST), (b[key], a[key]))
+        kernel = (*key, "kernel")  # [depth, d_in, d_out]
+        flat[kernel] = flat[kernel] + jnp.swapaxes(delta, -1, -2).astype(flat[kernel].dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def gram_network(setup: Setup, state: dict, task: int):
@@ -218,7 +230,7 @@ def gram_network(setup: Setup, state: dict, task: int):
         return bb.params, 1.0
     scale = 1.0 / (task + 1)
     mask = (np.arange(setup.num_tasks) < task).astype(np.float32)  # the tasks before this one
-    return _filler_params(bb.params, state["past_b"], state["past_a"], mask, np.float32(scale)), scale
+    return filler_params(bb.params, state["past_b"], state["past_a"], mask, np.float32(scale)), scale
 
 
 def evaluate(setup: Setup, params, head, task: int) -> np.ndarray:

@@ -33,6 +33,33 @@ def test_only_the_phase_factor_and_task_rows_train(setup):
     assert not np.allclose(w[:, rows], state["head"]["w"][rows])
 
 
+def test_filler_network_adds_the_scaled_sum_of_the_finished_tasks_deltas(setup):
+    """rounds.gram_network (filler, task t): W0 + (Σ_{τ<t} B_τ A_τ) / (t + 1) on every LoRA layer, the other weights
+    untouched. Per entry the sum of r·t products and two roundings: within 4ε of |W0| + Σ|B||A|/(t + 1)."""
+    state = dict(rounds.initial_state(setup))
+    gen = np.random.default_rng(0)
+    for name in ("past_b", "past_a"):
+        state[name] = {p: gen.standard_normal(x.shape).astype(np.float32) for p, x in state[name].items()}
+    task = 1
+    params, scale = rounds.gram_network(setup, state, task)
+    assert scale == 1 / (task + 1)
+    base, got = (dict(jax.tree_util.tree_flatten_with_path(x)[0]) for x in (setup.backbone.params, params))
+    delta = {p: np.einsum("tor,trd->od", state["past_b"][p][:task], state["past_a"][p][:task])
+             for p in state["past_b"]}
+    magnitude = {p: np.einsum("tor,trd->od", np.abs(state["past_b"][p][:task]), np.abs(state["past_a"][p][:task]))
+                 for p in state["past_b"]}
+    want = setup.backbone.add_delta(jax.tree.map(jnp.asarray, setup.backbone.params),
+                                    {p: jnp.asarray(d * scale) for p, d in delta.items()})
+    bound = setup.backbone.add_delta(jax.tree.map(jnp.abs, setup.backbone.params),
+                                     {p: jnp.asarray(m * scale) for p, m in magnitude.items()})
+    eps = np.finfo(np.float32).eps
+    for (path, w), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(bound)):
+        np.testing.assert_array_less(np.abs(np.asarray(got[path]) - np.asarray(w)), 4 * eps * np.asarray(b) + 1e-30,
+                                     err_msg=jax.tree_util.keystr(path))
+    changed = [jax.tree_util.keystr(k) for k, v in got.items() if not np.array_equal(np.asarray(v), base[k])]
+    assert changed and all(k.endswith("['kernel']") for k in changed), changed
+
+
 @pytest.mark.slow
 def test_lorm_round_with_identical_clients_returns_their_factor(setup):
     """Every client holds the same data and trained the same factor → the merge returns that factor and head."""
