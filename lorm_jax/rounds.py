@@ -90,9 +90,10 @@ def warm_up(setup: Setup, state: dict, task: int = 0) -> Callable[[], None]:
 
     A dry round of each trained factor, a dry end of task and the next task's Gram network run the run's own code on
     ``setup`` with every loop emptied (trip count 0): each program is compiled (and cached by ``jax.jit``) exactly as
-    the run will call it, at no cost but the compilation. Two threads: local training, then the first round's merges
-    on one; on the other the task end (its Gram pass is the rounds' too), then the other rounds'. A program the run
-    calls while a thread compiles it waits for that compilation (``jax.jit`` compiles a program once). Single-process,
+    the run will call it, at no cost but the compilation. Two threads: local training on one, on the other a dry first
+    round whose training is only traced (its Gram pass, sums and merge); then, in the background, the task end, the
+    other factors' rounds and the next task's filler network. A program the run calls while a thread compiles it waits
+    for that compilation (``jax.jit`` compiles a program once, also when two threads call it). Single-process,
     single-device runs only: on a mesh, programs with collectives are not run from two threads at once (they compile
     at their first real call).
     """
@@ -206,7 +207,7 @@ def filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: ja
     filler network, as one program. past_b/past_a ``{path: [T, d_out, r]}`` / ``{path: [T, r, d_in]}``.
 
     The layers of one kind are stacked over blocks, as their kernels are, and their products taken in a loop (one
-    product to compile per kind: 4 for a ViT, not 48; TPU v5e, ViT-B/16: 6.7 s instead of 10.9). The scaled product
+    product to compile per kind: 4 for a ViT, not 48; TPU v5e, ViT-B/16: 6.2–6.9 s, not 10.9). The scaled product
     leaves the loop before it is added, so XLA:CPU cannot fuse ``W0 + Δ·scale`` into a multiply-add that rounds
     differently from the product and the sum taken one after the other."""
     shapes = lora_shapes_of(params)
