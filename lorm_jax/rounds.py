@@ -29,12 +29,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from lorm_jax import data as data_lib
 from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
 from lorm_jax import lora as lora_lib
-from lorm_jax.backbones.common import lora_shapes_of, stack_layers
+from lorm_jax.backbones.common import add_block_deltas, lora_shapes_of, stack_layers
 from lorm_jax.methods.base import Statistics
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup
@@ -211,14 +210,11 @@ def filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: ja
     leaves the loop before it is added, so XLA:CPU cannot fuse ``W0 + Δ·scale`` into a multiply-add that rounds
     differently from the product and the sum taken one after the other."""
     shapes = lora_shapes_of(params)
-    b, a = (traverse_util.flatten_dict(stack_layers(x, shapes)) for x in (past_b, past_a))
-    flat = traverse_util.flatten_dict(params)
-    for key in b:  # (blocks, *layer): [depth, T, d_out, r] and [depth, T, r, d_in]
-        delta = jax.lax.map(lambda ba: scale * jnp.einsum("t,tor,trd->od", mask, *ba,
-                                                          precision=jax.lax.Precision.HIGHEST), (b[key], a[key]))
-        kernel = (*key, "kernel")  # [depth, d_in, d_out]
-        flat[kernel] = flat[kernel] + jnp.swapaxes(delta, -1, -2).astype(flat[kernel].dtype)
-    return traverse_util.unflatten_dict(flat)
+    product = lambda b, a: scale * jnp.einsum("t,tor,trd->od", mask, b, a,  # noqa: E731
+                                              precision=jax.lax.Precision.HIGHEST)
+    deltas = jax.tree.map(lambda b, a: jax.lax.map(lambda ba: product(*ba), (b, a)),  # [depth, T, ...] -> [depth, o, d]
+                          stack_layers(past_b, shapes), stack_layers(past_a, shapes))
+    return add_block_deltas(params, deltas)
 
 
 def gram_network(setup: Setup, state: dict, task: int):

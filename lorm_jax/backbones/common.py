@@ -220,6 +220,17 @@ def add_delta(params, deltas, lora_shapes):
     return traverse_util.unflatten_dict(flat)
 
 
+def add_block_deltas(params, deltas):
+    """``kernel ← kernel + ΔWᵀ`` on every block of each layer kind in ``deltas = {"blocks": {layer nesting: ΔW
+    [depth, d_out, d_in]}}`` (the layout of :func:`stack_layers`): one dense add per kind. :func:`add_delta` is the
+    per-layer form, for any subset of the layers."""
+    flat = traverse_util.flatten_dict(params)
+    for key, dw in traverse_util.flatten_dict(deltas).items():
+        kernel = (*key, "kernel")  # [depth, d_in, d_out]
+        flat[kernel] = flat[kernel] + jnp.swapaxes(dw, -1, -2).astype(flat[kernel].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
 def lora_shapes_of(params) -> dict[str, tuple[int, int]]:
     """``{path: (d_out, d_in)}`` of every dense kernel of the scanned blocks (``[depth, d_in, d_out]``), one path per
     block and layer, sorted by path (= depth order)."""
