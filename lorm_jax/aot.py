@@ -37,6 +37,7 @@ import numpy as np
 from lorm_jax import backbones, federated, methods, metrics, plan, rounds, sharding
 from lorm_jax import config as config_lib
 from lorm_jax import data as data_lib
+from lorm_jax.backbones import common
 
 log = logging.getLogger("lorm_jax")
 GiB = 2 ** 30
@@ -307,7 +308,8 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
 
     trips = [int(w[0].gram["num_batches"]) for w in waves]
     everyone, samples = np.ones(size, bool), np.ones(size, np.float32)  # every client included, one sample each
-    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype), (state["lora"], state["head"]))
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape, x.dtype),
+                           (common.by_kind(state["lora"]), state["head"]))  # the clients' LoRA: block layout
     if not blocks:  # one Gram program for the rounds and the task end, a small contraction per Statistics
         per_client = add("grams", setup.programs.kept_grams,
                          [federated.kept_grams_call(setup.programs, setup.backbone.params, setup.train, clients["lora"],
@@ -331,15 +333,17 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
         sums = wave_sums(f"sums {f or 'head'}", stats, clients["lora"], clients["head"],
                          per_round=per_wave * factors.count(f) / R)
         rows = [rounds.task_rows(setup, t) for t in range(T)]
-        add(f"merge_round {f or 'head'}", setup.merges.round.fast,
-            [((sums, f, r, state["lora"], state["head"]), {}) for r in rows], [1] * T, per_round=factors.count(f) / R)
-        grams = {p: x["gram"] for p, x in sums["layers"].items()}
+        (merged, _), _ = add(f"merge_round {f or 'head'}", setup.merges.round.fast,
+                             [((sums, f, r, state["lora"], state["head"]), {}) for r in rows], [1] * T,
+                             per_round=factors.count(f) / R)
+        grams = {k: x["gram"] for k, x in sums["layers"].items()}  # the block layout, as rounds.run_round
         if stats.residuals:
             add(f"residuals {f}", metrics.residuals_tree.fast,
-                [(({p: x["residual"] for p, x in sums["layers"].items()}, grams, state["lora"]),
+                [(({k: x["residual"] for k, x in sums["layers"].items()}, grams, merged),
                   {"dtype": jnp.dtype(c.merge_dtype)})], [1] * T, per_round=factors.count(f) / R)
-    add("gram_health", metrics.gram_health_tree, [(({**grams, "head": sums["clients"]["head_gram"]}, c.merge_dtype),
-                                                   {})], [1] * T)
+    head_gram = jax.ShapeDtypeStruct((1,) + sums["clients"]["head_gram"].shape, sums["clients"]["head_gram"].dtype)
+    add("gram_health", metrics.gram_health_tree, [(({**grams, "head": head_gram}, c.merge_dtype), {"blocks": True})],
+        [1] * T)
     wave_sums("sums end", methods.Statistics(), *stacked, per_round=0.0, per_task=per_wave)
     add("merge_tasks", setup.merges.tasks.fast,
         [((state["past_b"], state["past_a"], state["task_grams"], np.int32(t + 1)), {}) for t in range(T)],
@@ -349,7 +353,8 @@ def compile_run(config, devices, *, budget_bytes: int | None = None, dtype: str 
             [((setup.backbone.params, state["past_b"], state["past_a"], (np.arange(T) < t).astype(np.float32),
                np.float32(1 / (t + 1))), {}) for t in range(T)], [1] * T,
             per_round=(T - 1) / T, per_task=(T - 1) / T)
-    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype), {"stacked": True})],
+    add("gram_health task", metrics.gram_health_tree, [((state["task_grams"], c.merge_dtype),
+                                                        {"stacked": True, "by_kind": True})],
         [1] * T, per_round=0.0, per_task=1.0)
     evals = setup.schedule.eval_packed
     eval_calls = [federated.evaluate_call(setup.programs, setup.backbone.params, state["head"], setup.test, p,

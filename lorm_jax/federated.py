@@ -47,6 +47,7 @@ import optax
 
 from lorm_jax import lora as lora_lib
 from lorm_jax import merging, sharding, trees
+from lorm_jax.backbones import common
 from lorm_jax.backbones.common import BlockSums, GramSpec, layer_gram
 from lorm_jax.objective import head_logits, make_optimizer, masked_cross_entropy
 
@@ -165,15 +166,16 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
                 jnp.zeros(num_rows, param_dtype), jnp.zeros(num_rows, jnp.int32))
         out, _, loss_sum, count = jax.lax.fori_loop(0, num_steps, step, init)
         finite = jnp.stack([jnp.all(jnp.isfinite(x.reshape(num_rows, -1)), axis=1) for x in jax.tree.leaves(out)])
-        return {"lora": backbone.unstack_lora(out["lora"], axis=1), "head": out["head"],
+        return {"lora": common.lora_by_kind(out["lora"]), "head": out["head"],
                 "loss": loss_sum / jnp.maximum(count, 1), "num_steps": count, "finite": jnp.all(finite, axis=0)}
 
     def device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, num_clients,
-                    reduce):
+                    reduce, by_kind=False):
         """This device's share of a packed Gram pass over ``num_clients`` clients (``include`` [C]: the others' rows
-        weigh 0). ``reduce`` None: per-client Gram sums ``{path: [C, ...]}``; else (:class:`Reduction`) the LoRA
-        layers' per-block sums, summed, and ``bad`` [C]: clients with a non-finite block Gram. Head Grams per
-        client ``[C, ...]`` either way."""
+        weigh 0). ``reduce`` None: per-client Gram sums ``{path: [C, ...]}`` (``by_kind``: in the block layout,
+        ``{layer kind: [depth, C, ...]}``); else (:class:`Reduction`) the LoRA layers' per-block sums, summed, in
+        the block layout, and ``bad`` [C]: clients with a non-finite block Gram. Head Grams per client ``[C, ...]``
+        either way."""
         packed = jax.tree.map(lambda x: x[0], packed)  # this device's [NB, ...]
         block = packed["idx"].shape[-1]
 
@@ -186,36 +188,47 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
             inputs, _ = prepare(data, idx.reshape(-1), ex_keys, augment_grams)
             weights = (mask & include[owner][:, None]).reshape(-1).astype(jnp.float32)
             if reduce is None:
-                lora = None if client_lora is None else {
-                    p: {"A": f["A"][owner], "B": f["B"][owner] * lora_scale} for p, f in client_lora.items()}
+                lora = None if client_lora is None else per_block(client_lora, owner, lora_scale)
                 features, grams = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
-                                                 segments=segments)
+                                                 segments=segments, grams_by_kind=by_kind)
                 bad = acc[2]
             else:  # unscaled per-block factors: the layers scale their forward pass and reduce with these
-                lora = {p: {"A": f["A"][owner], "B": f["B"][owner]} for p, f in client_lora.items()}
+                lora = per_block(client_lora, owner, 1.0)
                 features, out = backbone.apply(gram_params, lora, inputs, gram=backbone_gram, weights=weights,
-                                               segments=BlockSums(reduce, lora_scale))
-                grams = {p: o[0] for p, o in out.items()}
-                finite = jnp.all(jnp.stack([o[1] for o in out.values()]), axis=0)  # [G]
+                                               segments=BlockSums(reduce, lora_scale), grams_by_kind=True)
+                grams = {k: o[0] for k, o in out.items()}
+                finite = jnp.all(jnp.stack([o[1] for o in out.values()]), axis=(0, 1))  # [kinds, depth, G] -> [G]
                 bad = acc[2] + jax.ops.segment_sum((~finite).astype(jnp.int32), owner, num_segments=num_clients)
             head = layer_gram(features, GramSpec(head_gram, weights, segments))
             return (jax.tree.map(jnp.add, acc[0], grams), acc[1] + head, bad)
 
         if reduce is None:
             zero = _zero_grams(backbone, backbone_gram, num_clients, param_dtype)
+            zero = common.by_kind(zero) if by_kind else zero
         else:  # the shapes of the layers' reductions: traced on one block, nothing computed
-            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), client_lora)
-            zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-                lambda one: {p: reduce(one[p], _zero_gram(d_in, backbone_gram, 1, param_dtype))
-                             for p, (_, d_in) in backbone.lora_shapes.items()}, one))
+            one = {k: {n: jax.ShapeDtypeStruct((1,) + x.shape[2:], x.dtype) for n, x in f.items()}
+                   for k, f in client_lora.items()}  # one block's factors per layer kind
+            shapes = jax.eval_shape(lambda one: {k: reduce(f, _zero_gram(f["A"].shape[-1], backbone_gram, 1,
+                                                                         param_dtype)) for k, f in one.items()}, one)
+            depth = {k: f["A"].shape[1] for k, f in client_lora.items()}
+            zero = {k: jax.tree.map(lambda x, n=depth[k]: jnp.zeros((n,) + x.shape, x.dtype), v)
+                    for k, v in shapes.items()}
         init = (zero, _zero_gram(backbone.feature_dim, head_gram, num_clients, param_dtype),
                 jnp.zeros(num_clients, jnp.int32))
         return jax.lax.fori_loop(0, num_batches, step, init)
 
-    def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, num_clients):
+    def per_block(client_lora, owner, scale):
+        """The clients' LoRA (block layout, ``[C, depth, ...]``) of each block of examples, B scaled, as the scanned
+        blocks' collection: ``[depth, G, ...]``."""
+        return common.lora_collection({k: {"A": jnp.moveaxis(f["A"][owner], 1, 0),
+                                           "B": jnp.moveaxis(f["B"][owner] * scale, 1, 0)}
+                                       for k, f in client_lora.items()})
+
+    def packed_grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, num_clients,
+                     by_kind=False):
         """Per-client Gram sums over the packed batches (summed over devices), shrunk."""
         grams, head, _ = device_pass(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include,
-                                     num_clients, None)
+                                     num_clients, None, by_kind)
         grams, head = jax.lax.psum((grams, head), sharding.CLIENTS)
         return shrink(grams, head)
 
@@ -247,23 +260,27 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
     def kept_client_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches, lora_scale,
                           include, num_clients):
         """Per-client Grams of a packed pass, shrunk, summed over the devices, with ``ok`` [C] (included, Grams
-        finite); the other clients' Grams are zeros. The same program for every trained factor and the task end."""
+        finite); the other clients' Grams are zeros. The LoRA layers' Grams in the block layout ``{layer kind:
+        [depth, C, ...]}``. The same program for every trained factor and the task end."""
         grams, head = packed_grams(gram_params, data, keep(client_lora, server_lora, include), packed, keys,
-                                   num_batches, lora_scale, include, num_clients)
-        ok = include & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(num_clients, -1)), axis=1)
-                                          for g in jax.tree.leaves((grams, head))]), axis=0)
-        return trees.zero_clients(grams, ok), trees.zero_clients(head, ok), ok
+                                   num_batches, lora_scale, include, num_clients, by_kind=True)
+        finite = lambda g, axis: jnp.all(jnp.isfinite(g), axis=tuple(a for a in range(g.ndim) if a != axis))  # noqa
+        ok = include & jnp.all(jnp.stack([finite(g, 1) for g in grams.values()] + [finite(head, 0)]), axis=0)
+        grams = {k: jnp.where(ok.reshape((1, -1) + (1,) * (g.ndim - 2)), g, 0.0) for k, g in grams.items()}
+        return grams, trees.zero_clients(head, ok), ok
 
     def contract_grams(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include,
                        total, stats):
-        """The sums ``stats`` declares from per-client Grams (:func:`kept_client_grams`; layers as
-        :meth:`methods.Statistics.layers`)."""
+        """The sums ``stats`` declares from per-client Grams in the block layout (:func:`kept_client_grams`):
+        :meth:`methods.Statistics.layers` of every layer kind, vmapped over the blocks."""
         client_lora, client_heads = keep(client_lora, server_lora, include), keep(client_heads, server_head, include)
-        return client_statistics(client_lora, client_heads, stats.layers(client_lora, grams), head, ok, num_samples,
-                                 total, stats)
+        layers = jax.vmap(stats.layers, in_axes=(1, 0))(client_lora, grams)
+        return client_statistics(client_lora, client_heads, layers, head, ok, num_samples, total, stats)
 
     def client_statistics(client_lora, client_heads, layers, head, ok, num_samples, total, stats):
-        """The sums dict of :func:`client_sums` from the layers' sums and the head Grams (zero where not ``ok``)."""
+        """The sums dict of :func:`client_sums` from the layers' sums and the head Grams (zero where not ``ok``); the
+        clients' LoRA in the block layout (``[C, depth, ...]``), so that the sums a method takes of it over clients
+        are in the block layout too."""
         samples = jnp.where(ok, num_samples, 0.0)
         weights = jnp.where(total > 0, samples / jnp.where(total > 0, total, 1), 0)
         return {"layers": layers, "clients": stats.clients(client_lora, client_heads, head, weights),
@@ -422,7 +439,8 @@ def sums_call(programs: ClientPrograms, gram_params, data, client_lora, client_h
     ``blocks`` (:func:`client_sums`)."""
     mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
-    shared = sharding.replicate((gram_params, data, client_lora, client_heads, server_lora, server_head), mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, client_heads, common.by_kind(server_lora),
+                                 server_head), mesh)
     rest = sharding.replicate((keys, np.int32(packed["num_batches"]), np.float32(lora_scale),
                                np.asarray(num_samples, np.float32), np.asarray(include, bool), np.float32(total)),
                               mesh)
@@ -434,7 +452,7 @@ def kept_grams_call(programs: ClientPrograms, gram_params, data, client_lora, se
     """``(args, static kwargs)`` of ``programs.kept_grams`` (:func:`client_sums` without ``blocks``)."""
     mesh = programs.mesh
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
-    shared = sharding.replicate((gram_params, data, client_lora, server_lora), mesh)
+    shared = sharding.replicate((gram_params, data, client_lora, common.by_kind(server_lora)), mesh)
     rest = sharding.replicate((keys, np.int32(packed["num_batches"]), np.float32(lora_scale),
                                np.asarray(include, bool)), mesh)
     return (*shared, arrays, *rest), {"num_clients": int(keys.shape[0])}
@@ -443,7 +461,7 @@ def kept_grams_call(programs: ClientPrograms, gram_params, data, client_lora, se
 def contract_call(programs: ClientPrograms, client_lora, client_heads, server_lora, server_head, grams, head, ok,
                   num_samples, include, total: float, stats) -> tuple[tuple, dict]:
     """``(args, static kwargs)`` of ``programs.contract``: the sums of :func:`kept_grams_call`'s per-client Grams."""
-    args = sharding.replicate((client_lora, client_heads, server_lora, server_head, grams, head, ok,
+    args = sharding.replicate((client_lora, client_heads, common.by_kind(server_lora), server_head, grams, head, ok,
                                np.asarray(num_samples, np.float32), np.asarray(include, bool), np.float32(total)),
                               programs.mesh)
     return args, {"stats": stats}

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorm_jax import merging
+from lorm_jax.backbones import common
 
 
 def continual_metrics(acc: np.ndarray, test_sizes: np.ndarray) -> dict:
@@ -53,23 +54,29 @@ def gram_utilization(waves) -> float:
     return round(real / max(slots, 1), 5)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "stacked"))
-def gram_health_tree(grams: dict, dtype: str, stacked: bool = False) -> dict:
+@functools.partial(jax.jit, static_argnames=("dtype", "stacked", "blocks", "by_kind"))
+def gram_health_tree(grams: dict, dtype: str, stacked: bool = False, blocks: bool = False,
+                     by_kind: bool = False) -> dict:
     """:func:`lorm_jax.merging.gram_health` of every summed Gram ``Σ_k G_k`` (``{name: [d] or [d, d]}``; with
-    ``stacked`` the terms ``{name: [K, d] or [K, d, d]}``, summed here)."""
-    return {p: merging.gram_health(merging.client_sum(g) if stacked else g, dtype=jnp.dtype(dtype))
-            for p, g in grams.items()}
+    ``stacked`` the terms ``{name: [K, d] or [K, d, d]}``, summed here). With ``blocks`` every leaf has a leading
+    block axis (e.g. the block layout ``{layer kind: [depth, ...]}``), vmapped over; ``by_kind``: per-layer Grams
+    ``{path: ...}``, stacked here into the block layout (:func:`lorm_jax.backbones.common.by_kind`) and vmapped."""
+    one = lambda g: merging.gram_health(merging.client_sum(g) if stacked else g, dtype=jnp.dtype(dtype))  # noqa
+    grams = common.by_kind(grams) if by_kind else grams
+    return {p: (jax.vmap(one) if blocks or by_kind else one)(g) for p, g in grams.items()}
 
 
-def gram_conditioning(grams: dict, dtype: str = "float32", stacked: bool = False) -> dict:
+def gram_conditioning(grams: dict, dtype: str = "float32", stacked: bool = False, blocks: bool = False,
+                      by_kind: bool = False) -> dict:
     """Metrics of the summed Grams ``Σ_k G_k`` a merge solves with (``{name: [d] or [d, d]}``, or their terms with
-    ``stacked``; see :func:`merging.gram_health`): the smallest scaled Cholesky pivot over layers (~1/cond; 0 =
-    singular), how many layers take the eigh pseudo-inverse fallback, and how many features have no input energy."""
-    health = jax.device_get(gram_health_tree(grams, dtype, stacked))
-    pivots = [float(h["min_pivot"]) for h in health.values()]
-    return {"gram_min_pivot": float(f"{min(pivots):.6g}"),
-            "gram_pinv_layers": int(sum(float(h["pinv"]) for h in health.values())),
-            "gram_dead_features": int(sum(float(h["dead"]) for h in health.values()))}
+    ``stacked``; ``blocks`` / ``by_kind`` as :func:`gram_health_tree`; see :func:`merging.gram_health`): the smallest
+    scaled Cholesky pivot over layers (~1/cond; 0 = singular), how many layers take the eigh pseudo-inverse fallback,
+    and how many features have no input energy."""
+    health = jax.device_get(gram_health_tree(grams, dtype, stacked, blocks, by_kind))
+    values = lambda key: np.concatenate([np.ravel(h[key]) for h in health.values()]).astype(np.float64)  # noqa
+    return {"gram_min_pivot": float(f"{np.min(values('min_pivot')):.6g}"),
+            "gram_pinv_layers": int(np.sum(values("pinv"))),
+            "gram_dead_features": int(np.sum(values("dead")))}
 
 
 def utilization_summary(schedule, lines: list[dict]) -> dict:
@@ -86,8 +93,14 @@ def utilization_summary(schedule, lines: list[dict]) -> dict:
     return out
 
 
-# merging.residuals_from_sums_tree, compiled once per run (the eigh fallback only if a singular Gram needs it)
-residuals_tree = merging.fast_first(merging.residuals_from_sums_tree, static_argnames="dtype")
+def residuals_by_kind(sums: dict, grams: dict, merged_lora: dict, *, dtype=None) -> dict:
+    """:func:`lorm_jax.merging.residuals_from_sums_tree` over the block layout (every argument ``{layer kind:
+    [depth, ...]}``), vmapped over the blocks: ``{layer kind: [depth, 2]}``."""
+    return jax.vmap(functools.partial(merging.residuals_from_sums_tree, dtype=dtype))(sums, grams, merged_lora)
+
+
+# residuals_by_kind, compiled once per run (the eigh fallback only if a singular Gram needs it)
+residuals_tree = merging.fast_first(residuals_by_kind, static_argnames="dtype")
 
 
 def merge_diagnostics(sums: dict, merged_lora, dtype=jnp.float32) -> dict:
@@ -98,8 +111,8 @@ def merge_diagnostics(sums: dict, merged_lora, dtype=jnp.float32) -> dict:
     layers: ``{"merge_residual": {"mean", "max"}, "regmean_residual": {"mean", "max"}}``. Excluded clients are not
     in the sums."""
     layers = sums["layers"]
-    per_layer = residuals_tree({p: s["residual"] for p, s in layers.items()}, {p: s["gram"] for p, s in layers.items()},
-                               merged_lora, dtype=jnp.dtype(dtype))
-    values = np.asarray([np.asarray(v) for v in per_layer.values()], np.float64)  # [L, 2]
+    per_kind = residuals_tree({k: s["residual"] for k, s in layers.items()}, {k: s["gram"] for k, s in layers.items()},
+                              merged_lora, dtype=jnp.dtype(dtype))
+    values = np.concatenate([np.asarray(v, np.float64) for v in per_kind.values()])  # [L, 2]
     summary = lambda x: {"mean": float(f"{np.mean(x):.6g}"), "max": float(f"{np.max(x):.6g}")}
     return {"merge_residual": summary(values[:, 0]), "regmean_residual": summary(values[:, 1])}

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorm_jax import data as data_lib
-from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
+from lorm_jax import federated, ledger, metrics, plan, rng, sharding
 from lorm_jax import lora as lora_lib
-from lorm_jax.backbones.common import add_block_deltas, lora_shapes_of, stack_layers
+from lorm_jax.backbones.common import add_block_deltas, by_kind, by_layer
 from lorm_jax.methods.base import Statistics
 from lorm_jax.objective import init_head
 from lorm_jax.plan import Setup
@@ -79,7 +79,7 @@ def _shapes_of_training(name: str, fn: Callable) -> Callable:
 
     def call(*args, **kwargs):
         shapes = jax.eval_shape(functools.partial(fn, **kwargs), *args)
-        return jax.tree.map(lambda s: (jnp.ones if s.dtype == bool else jnp.zeros)(s.shape, s.dtype), shapes)
+        return jax.tree.map(lambda s: (np.ones if s.dtype == bool else np.zeros)(s.shape, s.dtype), shapes)
     return call
 
 
@@ -209,12 +209,14 @@ def filler_params(params, past_b: dict, past_a: dict, mask: jax.Array, scale: ja
     product to compile per kind: 4 for a ViT, not 48; TPU v5e, ViT-B/16: 6.2–6.9 s, not 10.9). The scaled product
     leaves the loop before it is added, so XLA:CPU cannot fuse ``W0 + Δ·scale`` into a multiply-add that rounds
     differently from the product and the sum taken one after the other."""
-    shapes = lora_shapes_of(params)
     product = lambda b, a: scale * jnp.einsum("t,tor,trd->od", mask, b, a,  # noqa: E731
                                               precision=jax.lax.Precision.HIGHEST)
     deltas = jax.tree.map(lambda b, a: jax.lax.map(lambda ba: product(*ba), (b, a)),  # [depth, T, ...] -> [depth, o, d]
-                          stack_layers(past_b, shapes), stack_layers(past_a, shapes))
+                          by_kind(past_b), by_kind(past_a))
     return add_block_deltas(params, deltas)
+
+
+_add_block_deltas = jax.jit(add_block_deltas)  # one program, not a few eager ops per layer kind
 
 
 def gram_network(setup: Setup, state: dict, task: int):
@@ -317,22 +319,22 @@ def run_round(setup: Setup, state: dict, task: int, rnd: int, max_waves: int | N
         parts.append(used)
     losses, finite = np.concatenate(losses), np.concatenate(finite)
     weights = np.where(finite, num_samples, 0.0)
-    lora, head = setup.merges.round(sums, factor, rows, state["lora"], state["head"])
+    lora, head = setup.merges.round(sums, factor, rows, state["lora"], state["head"])  # lora: block layout
     if not np.any(weights > 0):  # nobody to merge: keep the server's model rather than a merge of nothing
-        lora, head = state["lora"], state["head"]
-    layer_sums = sums["layers"]
-    grams = {p: x["gram"] for p, x in layer_sums.items()}
+        lora, head = by_kind(state["lora"]), state["head"]
+    grams = {k: x["gram"] for k, x in sums["layers"].items()}  # block layout, {layer kind: [depth, ...]}
     traffic = ledger.round_entry(method, rnd, factor, state["lora"], state["head"], grams,
                                  sums["clients"]["head_gram"], rows, last_rounds(setup, task, rnd, clients))
     if stats.residuals:
         traffic.update(metrics.merge_diagnostics(sums, lora, c.merge_dtype))
-    state = dict(state, lora=sharding.gather(lora), head=sharding.gather(head))
+    state = dict(state, lora=by_layer(sharding.gather(lora)), head=sharding.gather(head))
     line = {"task": task, "round": rnd, "factor": factor,
             "loss": float(np.sum(np.where(weights > 0, losses, 0.0) * weights) / max(np.sum(weights), 1.0)),
             "client_loss": [round(float(x), 5) for x in losses],
             "client_samples": num_samples.astype(int).tolist(),
             "excluded_clients": clients[~finite].tolist(), **_utilization(parts, waves), **traffic,
-            **metrics.gram_conditioning({**grams, "head": sums["clients"]["head_gram"]}, c.merge_dtype)}
+            **metrics.gram_conditioning({**grams, "head": sums["clients"]["head_gram"][None]}, c.merge_dtype,
+                                        blocks=True)}
     if c.clients_per_round:
         line["clients"] = clients.tolist()
     if not finite.all():
@@ -360,11 +362,13 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
     sums = None
     for wave in waves:
         n = len(wave.clients)
-        s, _ = wave_sums(setup, gram_params, scale, trees.stack_clients(state["lora"], n),
-                         trees.stack_clients(state["head"], n), state, wave, task, c.rounds, np.ones(n, bool), total,
+        every = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (n,) + x.shape), tree)  # noqa: E731
+        s, _ = wave_sums(setup, gram_params, scale, every(by_kind(state["lora"])), every(state["head"]), state, wave,
+                         task, c.rounds, np.ones(n, bool), total,
                          Statistics())
         sums = s if sums is None else setup.programs.add(sums, s)
-    grams = {p: x["gram"] for p, x in sums["layers"].items()}
+    grams = {k: x["gram"] for k, x in sums["layers"].items()}  # block layout, {layer kind: [depth, ...]}
+    task_grams = by_layer(sharding.gather(grams))
     state = dict(state)
     state["past_a"] = {p: x.copy() for p, x in state["past_a"].items()}
     state["past_b"] = {p: x.copy() for p, x in state["past_b"].items()}
@@ -372,9 +376,9 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
     for p, f in state["lora"].items():
         state["past_a"][p][task] = f["A"]
         state["past_b"][p][task] = f["B"]
-        state["task_grams"][p][task] = np.asarray(sharding.gather(grams[p]))
-    deltas = setup.merges.tasks(state["past_b"], state["past_a"], state["task_grams"], task + 1)
-    params = setup.backbone.add_delta(setup.backbone.params, deltas)
+        state["task_grams"][p][task] = task_grams[p]
+    deltas = setup.merges.tasks(state["past_b"], state["past_a"], state["task_grams"], task + 1)  # block layout
+    params = _add_block_deltas(setup.backbone.params, deltas)
     accs = evaluate(setup, params, state["head"], task)
     acc = state["acc"].copy()
     acc[task, :task + 1] = accs
@@ -385,7 +389,8 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
             "gram_utilization": metrics.gram_utilization(waves),
             **ledger.task_entry(setup.method, c.rounds, grams, state["lora"],
                                 last_rounds(setup, task, c.rounds, clients)),
-            **metrics.gram_conditioning(state["task_grams"], c.merge_dtype, stacked=True)}  # unfinished: 0
+            # unfinished tasks' slots: 0
+            **metrics.gram_conditioning(state["task_grams"], c.merge_dtype, stacked=True, by_kind=True)}
     if c.clients_per_round:
         line["clients"] = clients.tolist()
     if task + 1 < setup.num_tasks:  # the next task starts from B = 0 and a fresh A

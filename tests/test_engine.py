@@ -13,6 +13,7 @@ from conftest import ONE_BLOCK, REPO, TINY, small_config
 from lorm_jax import continual, federated, metrics, plan, rng, rounds, testing
 from lorm_jax import data as data_lib
 from lorm_jax import workdir as workdir_lib
+from lorm_jax.backbones.common import by_layer
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_only_the_phase_factor_and_task_rows_train(setup):
     state = rounds.initial_state(setup)
     for rnd, frozen in ((0, "A"), (1, "B")):  # LoRM: B in round 0, A in round 1
         out, _ = rounds.client_training(setup, state["lora"], state["head"], 0, rnd)
-        for p, f in out["lora"].items():
+        for p, f in by_layer(out["lora"], axis=1).items():  # the clients' LoRA: block layout [K, depth, ...]
             np.testing.assert_array_equal(np.asarray(f[frozen]), np.broadcast_to(state["lora"][p][frozen],
                                                                                f[frozen].shape))
     rows = rounds.task_rows(setup, 0)
@@ -81,10 +82,11 @@ def test_lorm_round_with_identical_clients_returns_their_factor(setup):
                                       same_keys, factor, 1e-2, rows)
         grams, head_grams = federated.client_grams(setup.programs, setup.backbone.params, setup.train, out["lora"],
                                                    packed, same_keys, 1.0)
-        lora, head = setup.method.merge_round(out["lora"], grams, out["head"], head_grams, jnp.ones(K), factor,
+        client_lora = by_layer(out["lora"], axis=1)  # the engine's block layout [K, depth, ...], per layer
+        lora, head = setup.method.merge_round(client_lora, grams, out["head"], head_grams, jnp.ones(K), factor,
                                               rows, state["head"])
         for p in lora:
-            np.testing.assert_allclose(lora[p][factor], out["lora"][p][factor][0], rtol=2e-4, atol=1e-6)
+            np.testing.assert_allclose(lora[p][factor], client_lora[p][factor][0], rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(head["w"], out["head"]["w"][0], rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(head["b"], out["head"]["b"][0], rtol=1e-6, atol=1e-7)
 

@@ -20,7 +20,7 @@ from conftest import small_config
 
 from lorm_jax import federated, objective, plan, rng, rounds, sharding
 from lorm_jax import lora as lora_lib
-from lorm_jax.backbones.common import GramSpec, layer_gram
+from lorm_jax.backbones.common import GramSpec, by_kind, by_layer, layer_gram
 from lorm_jax.data import batching, inputs
 
 X64 = functools.partial(jax.enable_x64, True)
@@ -180,6 +180,7 @@ def test_lanes_equal_a_per_client_loop(setup64, num_lanes):
                                        num_steps=int(steps.sum()) + 2, num_slots=c.batch_size, num_rows=len(parts) + 2)
         got = sharding.gather(federated.train_clients(s.programs, s.backbone.params, s.train, lora, head, lanes,
                                                       keys, factor, 3e-3, rows))
+        got["lora"] = by_layer(got["lora"], axis=1)  # the engine's clients' LoRA: block layout [K, depth, ...]
         want = reference_training(s, lora, head, own_idx, own_mask, keys, factor, 3e-3, rows)
     assert steps[1] == 0 and steps.max() > 1
     for k, w in enumerate(want):
@@ -268,7 +269,8 @@ def test_packed_grams_equal_per_client_grams(kind, alpha):
                            "B": jnp.asarray(gen.normal(size=(K, d_out, 4)) * 0.1)}
                        for p, (d_out, d_in) in s.backbone.lora_shapes.items()}
         keys = rng.client_keys(0, 0, 0, np.arange(K), rng.GRAM_STREAM)
-        grams, head = sharding.gather(federated.client_grams(s.programs, s.backbone.params, s.train, client_lora,
+        grams, head = sharding.gather(federated.client_grams(s.programs, s.backbone.params, s.train,
+                                                             by_kind(client_lora, axis=1),
                                                              plan.round_waves(s, 0, 0)[0].gram, keys, 0.5))
         want = reference_grams(s, s.backbone.params, client_lora, keys, 0.5)
     if kind == "text":
@@ -360,13 +362,14 @@ def test_streaming_sums_equal_per_client_grams_summed(alpha):
                          weights[i:i + 1], "regmean", jnp.float64)}} for i in range(len(kept))])}
             for blocks in (False, True):
                 got, ok = sharding.gather(federated.client_sums(
-                    s.programs, s.backbone.params, s.train, lora, heads, server_lora, server_head, wave.gram, keys,
-                    0.5, samples, include, float(total), stats, blocks))
+                    s.programs, s.backbone.params, s.train, by_kind(lora, axis=1), heads, server_lora, server_head,
+                    wave.gram, keys, 0.5, samples, include, float(total), stats, blocks))
                 np.testing.assert_array_equal(ok, include)
                 assert float(got["samples"]["included"]) == float(samples[kept].sum())
                 # sums of the same terms in another order (blocks: each client's terms split over its blocks):
                 # |error| ≤ n ε Σ|terms| with n ≤ 10³ terms and ε of the sum's dtype (float64; the FedAvg-style sums,
                 # here the bias, are float32 by design: merging.weighted_sum)
+                got = dict(got, layers=by_layer(got["layers"]))  # the engine's sums are in the block layout
                 mine = {"layers": got["layers"], "clients": got["clients"]}
                 assert jax.tree.structure(mine) == jax.tree.structure(want) == jax.tree.structure(bound)
                 for (path, g), w, b in zip(jax.tree_util.tree_flatten_with_path(mine)[0], jax.tree.leaves(want),

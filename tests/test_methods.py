@@ -11,6 +11,7 @@ from conftest import ONE_BLOCK, shared_setup, small_config, with_method
 
 from lorm_jax import config as config_lib
 from lorm_jax import merging, methods, rounds
+from lorm_jax.backbones.common import by_layer
 from lorm_jax.methods import base, common
 from lorm_jax.methods.regmean_lora import regmean_rank_r
 from tests._numerics import assert_within, gamma
@@ -73,9 +74,10 @@ def test_fedavg_lora_with_one_client_equals_local_training(central_setup):
     state0 = rounds.initial_state(s)
     merged, _ = rounds.run_round(s, state0, 0, 0)
     local, _ = rounds.client_training(s, state0["lora"], state0["head"], 0, 0)
+    local_lora = by_layer(local["lora"], axis=1)  # the clients' LoRA: block layout [K, depth, ...]
     for p, f in merged["lora"].items():
         for x in "AB":
-            np.testing.assert_allclose(f[x], np.asarray(local["lora"][p][x][0]), rtol=1e-6, atol=0)
+            np.testing.assert_allclose(f[x], np.asarray(local_lora[p][x][0]), rtol=1e-6, atol=0)
     np.testing.assert_allclose(merged["head"]["w"], np.asarray(local["head"]["w"][0]), rtol=1e-6, atol=0)
     central, _ = rounds.run_round(with_method(central_setup, "centralized"), state0, 0, 0)
     for p in merged["lora"]:

@@ -78,7 +78,7 @@ class Backbone:
     tokenize: Callable | None = None            # text: tokenize(list[str], max_len) -> {"input_ids", "attention_mask"}
     module: nn.Module | None = dataclasses.field(default=None, repr=False)  # the Flax module behind ``apply``
 
-    def apply(self, params, lora, inputs, *, gram=None, weights=None, segments=None):
+    def apply(self, params, lora, inputs, *, gram=None, weights=None, segments=None, grams_by_kind=False):
         """Features (and optionally per-layer input Grams) of a batch.
 
         Args:
@@ -94,6 +94,9 @@ class Backbone:
           segments: optional ``(ids int [G], K)``: the batch is ``G`` equal blocks of examples and block g belongs to
             client ``ids[g]``; each Gram is then ``[K, ...]``, summed per client. Or :class:`BlockSums` (per-block
             ``lora``): each path then yields ``(reduction, finite [G])`` instead of a Gram.
+
+          grams_by_kind: the Grams in the block layout ``{layer kind: [depth, ...]}`` (:func:`by_kind`), as the
+            scan yields them, instead of per layer.
 
         Returns:
           ``(features float32 [B, feature_dim], grams)`` with ``grams = {}`` when ``gram is None``, else
@@ -115,6 +118,8 @@ class Backbone:
                                             mutable=["grams"])
         flat = traverse_util.flatten_dict(state["grams"][BLOCKS], is_leaf=lambda path, _: path[-1:] == ("gram",))
         stacked = {"/".join(k[:-1]): g for k, g in flat.items()}
+        if grams_by_kind:
+            return features, stacked
         return features, {p: jax.tree.map(lambda x, i=i: x[i], stacked[layer])
                           for p, (layer, i) in _block_layers(self.lora_shapes).items()}
 
@@ -188,6 +193,46 @@ def stack_layers(tree: Mapping[str, Any], lora_shapes) -> dict:
     return {BLOCKS: traverse_util.unflatten_dict({tuple(layer.split("/")): v for layer, v in stacked.items()})}
 
 
+def by_kind(tree: Mapping[str, Any], axis: int = 0) -> dict:
+    """Per-layer values ``{path: x}`` (``"block_03/mlp/fc1"``) -> the *block layout* ``{layer kind: x stacked over
+    blocks}`` (``{"mlp/fc1": [depth, ...]}``, block order; the block axis at ``axis``, e.g. 1 after a client axis;
+    numpy leaves stay numpy). A computation that is the same for every layer runs on this layout as one ``jax.vmap``
+    over the block axis: one op per layer kind, not one per layer (what compiling merges is made of: 4 kinds for a
+    ViT, not 48 layers)."""
+    by_layer: dict[str, list] = {}
+    for path, (layer, block) in sorted(_block_layers(tree).items(), key=lambda kv: kv[1][1]):
+        by_layer.setdefault(layer, []).append(tree[path])
+    def stack(*xs):
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):  # shapes only (lorm_jax.aot)
+            shape = list(xs[0].shape)
+            return jax.ShapeDtypeStruct(tuple(shape[:axis] + [len(xs)] + shape[axis:]), xs[0].dtype)
+        return np.stack(xs, axis) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs, axis)
+    return {layer: jax.tree.map(stack, *values) for layer, values in by_layer.items()}
+
+
+def by_layer(blocks: Mapping[str, Any], axis: int = 0) -> dict:
+    """:func:`by_kind` undone: ``{layer kind: x}`` with the block axis at ``axis`` -> ``{path: x[block]}`` (sorted
+    paths; numpy leaves: views, no copy)."""
+    out = {block_path(i, layer): jax.tree.map(lambda x, i=i: x[(slice(None),) * axis + (i,)], x)
+           for layer, x in blocks.items() for i in range(jax.tree.leaves(x)[0].shape[axis])}
+    return dict(sorted(out.items()))
+
+
+def lora_collection(blocks: Mapping[str, Any]) -> dict:
+    """LoRA factors in the block layout ``{layer kind: {"A": [depth, ...], "B": [depth, ...]}}`` as the scanned
+    blocks' ``"lora"`` collection ``{"blocks": {layer nesting: {"A", "B"}}}`` (what :meth:`Backbone.apply` and
+    :meth:`Backbone.stack_lora` use); :func:`lora_by_kind` is the inverse."""
+    return {BLOCKS: traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in blocks.items()})}
+
+
+def lora_by_kind(collection: Mapping[str, Any]) -> dict:
+    """:func:`lora_collection` undone."""
+    out: dict[str, dict] = {}
+    for key, x in traverse_util.flatten_dict(collection[BLOCKS]).items():
+        out.setdefault("/".join(key[:-1]), {})[key[-1]] = x
+    return out
+
+
 def stack_blocks(params: dict) -> dict:
     """Per-block params ``{"block_00": …, "block_01": …, …}`` (what the weight converters build) -> the scanned
     layout ``{"blocks": …}`` with every leaf stacked over blocks in order; other entries unchanged."""
@@ -221,12 +266,12 @@ def add_delta(params, deltas, lora_shapes):
 
 
 def add_block_deltas(params, deltas):
-    """``kernel ← kernel + ΔWᵀ`` on every block of each layer kind in ``deltas = {"blocks": {layer nesting: ΔW
-    [depth, d_out, d_in]}}`` (the layout of :func:`stack_layers`): one dense add per kind. :func:`add_delta` is the
-    per-layer form, for any subset of the layers."""
+    """``kernel ← kernel + ΔWᵀ`` on every block of each layer kind in ``deltas = {layer kind: ΔW [depth, d_out,
+    d_in]}`` (the block layout, :func:`by_kind`): one dense add per kind. :func:`add_delta` is the per-layer form,
+    for any subset of the layers."""
     flat = traverse_util.flatten_dict(params)
-    for key, dw in traverse_util.flatten_dict(deltas).items():
-        kernel = (*key, "kernel")  # [depth, d_in, d_out]
+    for layer, dw in deltas.items():
+        kernel = (BLOCKS, *layer.split("/"), "kernel")  # [depth, d_in, d_out]
         flat[kernel] = flat[kernel] + jnp.swapaxes(dw, -1, -2).astype(flat[kernel].dtype)
     return traverse_util.unflatten_dict(flat)
 

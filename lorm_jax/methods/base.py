@@ -189,8 +189,17 @@ class PerClientMerge:
 
 @dataclasses.dataclass(frozen=True)
 class Merges:
-    """A method's server merges, compiled: ``round`` = :meth:`Method.merge_sums` (one program per trained factor)
-    and ``tasks`` = :meth:`Method.merge_tasks` (one program per run: the task count is traced)."""
+    """A method's server merges, compiled over the block layout (the LoRA layers of one kind stacked over the blocks,
+    ``{layer kind: [depth, ...]}``, :func:`lorm_jax.backbones.common.by_kind`; a merge is the same for every layer,
+    so it runs vmapped over the blocks: one op per layer kind, not one per layer, to compile):
+
+    round(sums, factor, task_rows, server_lora, server_head) -> (lora, head)
+        :meth:`Method.merge_sums` with ``sums["layers"]`` in the block layout, ``server_lora`` per layer (stacked in
+        the program) and the merged ``lora`` in the block layout; one program per trained factor.
+    tasks(past_b, past_a, task_grams, num_tasks) -> deltas
+        :meth:`Method.merge_tasks` of per-layer arrays, the ``deltas`` ΔW in the block layout; one program per run
+        (the task count is traced).
+    """
     round: Callable
     tasks: Callable
 
@@ -199,5 +208,20 @@ def compile_merges(method: Method) -> Merges:
     """:class:`Merges` of ``method``, jitted (eager merges dispatch hundreds of small ops per round) with the eigh
     pseudo-inverse kept out of the programs that run every round (:func:`lorm_jax.merging.fast_first`: compiled only
     when a numerically singular Gram needs it)."""
-    return Merges(round=merging.fast_first(method.merge_sums, static_argnames=("factor",)),
-                  tasks=merging.fast_first(method.merge_tasks))
+    from lorm_jax.backbones.common import by_kind
+
+    def merge_sums(sums, factor, task_rows, server_lora, server_head):
+        server_lora = by_kind(server_lora)
+        # a sum is a layer's (mapped over the blocks) where its path names a layer kind (sums["layers"], FedAvg sums
+        # of the clients' LoRA); the head's and the sample counts are no layer's
+        of_layer = lambda path, _: 0 if any(getattr(k, "key", None) in server_lora for k in path) else None  # noqa
+        axes = jax.tree_util.tree_map_with_path(of_layer, sums)
+        merge = lambda s, lora: method.merge_sums(s, factor, task_rows, lora, server_head)  # noqa: E731
+        return jax.vmap(merge, in_axes=(axes, 0), out_axes=(0, None))(sums, server_lora)
+
+    def merge_tasks(past_b, past_a, task_grams, num_tasks):
+        merge = lambda b, a, g: method.merge_tasks(b, a, g, num_tasks)  # noqa: E731
+        return jax.vmap(merge)(by_kind(past_b), by_kind(past_a), by_kind(task_grams))
+
+    return Merges(round=merging.fast_first(merge_sums, static_argnames=("factor",)),
+                  tasks=merging.fast_first(merge_tasks))
