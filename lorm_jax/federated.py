@@ -30,9 +30,16 @@ Shapes used throughout::
     packed      {"idx", "mask", "step", "position": [D, NB, G, b], "block_client": [D, NB, G]}
                 (batching.packed_schedule)
     keys        [K]               one PRNG key per client (fold_in chain of seed, task, round, client, stream)
-    lora        {path: {"A": [r, d_in], "B": [d_out, r]}}     (client-stacked: leading K)
+    lora        {path: {"A": [r, d_in], "B": [d_out, r]}}     the server's, per layer
+    client_lora {kind: {"A": [K, depth, r, d_in], "B": [K, depth, d_out, r]}}   the clients', in the block layout
     head        {"w": [C, F], "b": [C]}                       (paper layout: logits = f Wᵀ + b)
-    grams       {path: [K, d_in] or [K, d_in, d_in]}, head Grams [K, F] or [K, F, F]
+    grams       {kind: [depth, K, d_in(, d_in)]} (kept_grams; {path: [K, ...]} for ``grams``), head [K, F(, F)]
+
+**The block layout.** Per-layer quantities of the clients and of the sums are kept as the scanned backbone makes them:
+the layers of one kind (``"mlp/fc1"``) stacked over the blocks (:func:`lorm_jax.backbones.common.by_kind`). Every
+per-layer computation is then one op per layer kind, vmapped over the blocks, instead of one per layer: compiling
+a ViT's merge-side programs means 4 kinds, not 48 layers (docs/BENCHMARKS.md). The server's state stays per layer
+(host numpy, checkpoints); it is stacked where a program takes it and the merged LoRA unstacked on the host.
 """
 from __future__ import annotations
 
@@ -65,7 +72,8 @@ class ClientPrograms:
     """The jitted, sharded client-side programs of one experiment (built once by :func:`build_client_programs`).
 
     train(frozen, data, lora0, head0, lanes, keys, num_steps, factor_on, lr_factor, class_mask, *, num_rows)
-        -> {"lora", "head": [P, R, ...], "loss", "num_steps", "finite": [P, R]}    (see :func:`train_clients`)
+        -> {"lora" (block layout), "head": [P, R, ...], "loss", "num_steps", "finite": [P, R]}
+                                                                                  (see :func:`train_clients`)
     grams(gram_params, data, client_lora, packed, keys, num_batches, lora_scale, include, *, num_clients)
         -> (grams {path: [K, ...]}, head Grams [K, ...])                           (see :func:`client_grams`)
     sums(gram_params, data, client_lora, client_heads, server_lora, server_head, packed, keys, num_batches,
@@ -73,7 +81,7 @@ class ClientPrograms:
         -> (sums, ok [K])                                                           (see :func:`client_sums`)
         with ``blocks`` the program ``block_sums`` (same arguments, no ``blocks``), else two programs:
     kept_grams(gram_params, data, client_lora, server_lora, packed, keys, num_batches, lora_scale, include,
-               *, num_clients) -> (grams {path: [K, ...]}, head Grams [K, ...], ok [K])
+               *, num_clients) -> (grams {kind: [depth, K, ...]}, head Grams [K, ...], ok [K])
     contract(client_lora, client_heads, server_lora, server_head, grams, head, ok, num_samples, include, total,
              *, stats) -> sums                  (for ``lower``: :func:`kept_grams_call`, :func:`contract_call`)
     evaluate(params, head, data, packed, num_batches, class_mask, *, num_segments)
@@ -264,7 +272,8 @@ def build_client_programs(backbone, prepare: Callable, *, lr_head: float, weight
         [depth, C, ...]}``. The same program for every trained factor and the task end."""
         grams, head = packed_grams(gram_params, data, keep(client_lora, server_lora, include), packed, keys,
                                    num_batches, lora_scale, include, num_clients, by_kind=True)
-        finite = lambda g, axis: jnp.all(jnp.isfinite(g), axis=tuple(a for a in range(g.ndim) if a != axis))  # noqa
+        def finite(g, axis):  # per client: every entry finite; its axis is ``axis``
+            return jnp.all(jnp.isfinite(g), axis=tuple(a for a in range(g.ndim) if a != axis))
         ok = include & jnp.all(jnp.stack([finite(g, 1) for g in grams.values()] + [finite(head, 0)]), axis=0)
         grams = {k: jnp.where(ok.reshape((1, -1) + (1,) * (g.ndim - 2)), g, 0.0) for k, g in grams.items()}
         return grams, trees.zero_clients(head, ok), ok
@@ -406,7 +415,9 @@ def train_call(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict
 def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: dict, keys, factor: str, lr_factor,
                   class_mask) -> dict:
     """Local training of every client (:func:`train_call`): ``{"lora", "head": [K, ...], "loss", "num_steps",
-    "finite": [K]}`` in client order, replicated on every device (and process)."""
+    "finite": [K]}`` in client order, replicated on every device (and process); ``lora`` in the block layout
+    ``{kind: {"A": [K, depth, r, d_in], "B": [K, depth, d_out, r]}}`` (per layer:
+    ``backbones.common.by_layer(lora, axis=1)``)."""
     args, kwargs = train_call(programs, frozen, data, lora0, head0, lanes, keys, factor, lr_factor, class_mask)
     out = programs.train(*args, **kwargs)
     return programs.by_client(out, *sharding.replicate((lanes["lane_of"], lanes["row_of"]), programs.mesh))
@@ -415,8 +426,8 @@ def train_clients(programs: ClientPrograms, frozen, data, lora0, head0, lanes: d
 def grams_call(programs: ClientPrograms, gram_params, data, client_lora, packed: dict, keys, lora_scale,
                include=None) -> tuple[tuple, dict]:
     """``(args, static kwargs)`` of ``programs.grams``: a packed pass (:func:`lorm_jax.data.batching.packed_schedule`)
-    through ``gram_params`` with each client's LoRA (``client_lora`` client-stacked [K, ...], B scaled by
-    ``lora_scale``; or None); clients not in ``include`` [K] (default: all) get zero Grams."""
+    through ``gram_params`` with each client's LoRA (``client_lora`` in the block layout, ``[K, depth, ...]``, B
+    scaled by ``lora_scale``; or None); clients not in ``include`` [K] (default: all) get zero Grams."""
     mesh = programs.mesh
     include = np.ones(keys.shape[0], bool) if include is None else np.asarray(include, bool)
     arrays = sharding.put_clients({n: packed[n] for n in PACKED_ARRAYS}, mesh)
@@ -472,17 +483,19 @@ def client_sums(programs: ClientPrograms, gram_params, data, client_lora, client
     """The sums over the C clients of a packed Gram pass (a wave) that ``stats``
     (:class:`lorm_jax.methods.base.Statistics`) declares: ``(sums, ok [C])``, replicated.
 
-    The clients' Gram statistics are taken through ``gram_params`` with their own LoRA (``client_lora`` [C, ...],
-    B scaled by ``lora_scale``), shrunk as configured, summed over the devices and contracted with the clients'
-    factors: ``sums = {"layers": {path: stats.layer}, "clients": stats.clients, "samples": {"planned": total,
-    "included": Σ n_k of the ok clients}}``, FedAvg weights ``n_k / total``. Clients not in ``include`` [C] (or
+    The clients' Gram statistics are taken through ``gram_params`` with their own LoRA (``client_lora`` in the
+    block layout, ``[C, depth, ...]``, B scaled by ``lora_scale``; ``server_lora`` per layer), shrunk as configured,
+    summed over the devices and contracted with the clients' factors: ``sums = {"layers": {kind: stats.layer
+    [depth, ...]}, "clients": stats.clients, "samples": {"planned": total, "included": Σ n_k of the ok clients}}``
+    (the layers' sums in the block layout: ``backbones.common.by_layer`` gives them per layer), FedAvg weights
+    ``n_k / total``. Clients not in ``include`` [C] (or
     whose Grams are not finite: ``ok`` False) contribute exact zeros (their arrays are replaced by the server's).
     Without ``blocks`` one program forms the per-client Grams ``[C, ...]`` (the same program whatever ``stats``
-    is: every round and the task end share it) and a small one contracts them (layers of one shape vmapped, as the
-    merges do); with ``blocks`` every LoRA layer contracts its per-block Grams with the blocks' factors inside the
-    backbone, in one program per ``stats``, so no per-client Gram of a LoRA layer exists: the sums then equal the
-    per-client ones up to rounding, and a client whose Grams are not finite has already entered them (``ok`` says
-    which; pass again without it). Head Grams are per client either way."""
+    is: every round and the task end share it) and a small one contracts them (every layer kind vmapped over its
+    blocks, as the merges are); with ``blocks`` every LoRA layer contracts its per-block Grams with the blocks'
+    factors inside the backbone, in one program per ``stats``, so no per-client Gram of a LoRA layer exists: the
+    sums then equal the per-client ones up to rounding, and a client whose Grams are not finite has already entered
+    them (``ok`` says which; pass again without it). Head Grams are per client either way."""
     args, kwargs = sums_call(programs, gram_params, data, client_lora, client_heads, server_lora, server_head, packed,
                              keys, lora_scale, num_samples, include, total, stats)
     return programs.sums(*args, **kwargs, blocks=bool(blocks))

@@ -364,8 +364,7 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
         n = len(wave.clients)
         every = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (n,) + x.shape), tree)  # noqa: E731
         s, _ = wave_sums(setup, gram_params, scale, every(by_kind(state["lora"])), every(state["head"]), state, wave,
-                         task, c.rounds, np.ones(n, bool), total,
-                         Statistics())
+                         task, c.rounds, np.ones(n, bool), total, Statistics())
         sums = s if sums is None else setup.programs.add(sums, s)
     grams = {k: x["gram"] for k, x in sums["layers"].items()}  # block layout, {layer kind: [depth, ...]}
     task_grams = by_layer(sharding.gather(grams))

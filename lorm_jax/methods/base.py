@@ -92,7 +92,9 @@ class Method(Protocol):
         over the clients of every wave (``weights`` [K]: n_k / N of the round). Traced; ``factor`` static."""
 
     def merge_sums(self, sums: dict, factor: str, task_rows, server_lora, server_head):
-        """The server merge of a round from its ``sums`` (module docstring; traced under ``jax.jit``).
+        """The server merge of a round from its ``sums`` (module docstring; traced under ``jax.jit``). The engine
+        calls it ``jax.vmap``-ped over the transformer blocks (:class:`Merges`): a layer's result may depend on that
+        layer's arrays only, and the head's on no layer's.
 
         Returns:
           ``(lora {path: {"A": [r, d_in], "B": [d_out, r]}}, head {"w": [C, F], "b": [C]})``, the new server state;
@@ -101,7 +103,8 @@ class Method(Protocol):
 
     def merge_tasks(self, past_b, past_a, task_grams, num_tasks) -> dict:
         """The evaluation model's weight updates from the first ``num_tasks`` finished tasks (traced under
-        ``jax.jit``; ``num_tasks`` is traced, so task slots from ``num_tasks`` on must be ignored).
+        ``jax.jit``, ``jax.vmap``-ped over the blocks as :meth:`merge_sums`; ``num_tasks`` is traced, so task slots
+        from ``num_tasks`` on must be ignored).
 
         Returns:
           ``{path: ΔW [d_out, d_in]}`` added to the frozen weights (``{}``: the pretrained backbone itself).
