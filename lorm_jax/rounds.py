@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorm_jax import data as data_lib
-from lorm_jax import federated, ledger, metrics, plan, rng, sharding
+from lorm_jax import federated, ledger, metrics, plan, rng, sharding, trees
 from lorm_jax import lora as lora_lib
 from lorm_jax.backbones.common import add_block_deltas, by_kind, by_layer
 from lorm_jax.methods.base import Statistics
@@ -362,9 +362,9 @@ def end_task(setup: Setup, state: dict, task: int, max_waves: int | None = None)
     sums = None
     for wave in waves:
         n = len(wave.clients)
-        every = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (n,) + x.shape), tree)  # noqa: E731
-        s, _ = wave_sums(setup, gram_params, scale, every(by_kind(state["lora"])), every(state["head"]), state, wave,
-                         task, c.rounds, np.ones(n, bool), total, Statistics())
+        s, _ = wave_sums(setup, gram_params, scale, trees.stack_clients(by_kind(state["lora"]), n),
+                         trees.stack_clients(state["head"], n), state, wave, task, c.rounds, np.ones(n, bool), total,
+                         Statistics())
         sums = s if sums is None else setup.programs.add(sums, s)
     grams = {k: x["gram"] for k, x in sums["layers"].items()}  # block layout, {layer kind: [depth, ...]}
     task_grams = by_layer(sharding.gather(grams))

@@ -7,8 +7,9 @@ import numpy as np
 
 
 def stack_clients(tree, num_clients: int):
-    """Broadcast an unstacked pytree to a leading client axis of size K."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
+    """Broadcast an unstacked pytree to a leading client axis of size K (host numpy leaves: numpy views, no op)."""
+    return jax.tree.map(lambda x: (np.broadcast_to if isinstance(x, np.ndarray) else jnp.broadcast_to)(
+        x, (num_clients,) + x.shape), tree)
 
 
 def zero_clients(tree, include: np.ndarray):

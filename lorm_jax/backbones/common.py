@@ -111,7 +111,7 @@ class Backbone:
             variables["lora"] = lora
         elif lora is not None:
             check_lora(lora, self.lora_shapes)
-            variables["lora"] = stack_layers(lora, self.lora_shapes)
+            variables["lora"] = self.stack_lora(lora)
         if gram is None:
             return self.module.apply(variables, inputs, gram=None, weights=weights), {}
         features, state = self.module.apply(variables, inputs, gram=gram, weights=weights, segments=segments,
@@ -120,20 +120,13 @@ class Backbone:
         stacked = {"/".join(k[:-1]): g for k, g in flat.items()}
         if grams_by_kind:
             return features, stacked
-        return features, {p: jax.tree.map(lambda x, i=i: x[i], stacked[layer])
-                          for p, (layer, i) in _block_layers(self.lora_shapes).items()}
+        return features, by_layer(stacked)
 
     def stack_lora(self, lora):
         """Per-layer LoRA ``{path: {"A", "B"}}`` -> the scanned blocks' layout ``{"blocks": {layer: {"A": [depth, ...],
         "B": [depth, ...]}}}`` (what :meth:`apply` feeds the scan; an optimizer over it updates 2 arrays per layer
-        kind instead of 2 per layer)."""
-        return stack_layers(lora, self.lora_shapes)
-
-    def unstack_lora(self, stacked, axis: int = 0):
-        """:meth:`stack_lora` undone; the block axis of every leaf is ``axis`` (leading axes, e.g. clients, before)."""
-        flat = traverse_util.flatten_dict(stacked[BLOCKS])
-        return {p: {f: jnp.take(flat[(*layer.split("/"), f)], block, axis=axis) for f in ("A", "B")}
-                for p, (layer, block) in _block_layers(self.lora_shapes).items()}
+        kind instead of 2 per layer). Undone by ``by_layer(lora_by_kind(stacked))``."""
+        return lora_collection(by_kind({p: lora[p] for p in self.lora_shapes}))
 
     def add_delta(self, params, deltas: Mapping[str, jax.Array]):
         """``params`` with ``W ← W + ΔW`` on each layer of ``deltas = {path: ΔW [d_out, d_in]}`` (any subset)."""
@@ -181,16 +174,6 @@ def _block_layers(lora_shapes) -> dict[str, tuple[str, int]]:
         block, layer = path.split("/", 1)
         out[path] = (layer, int(block[len("block_"):]))
     return out
-
-
-def stack_layers(tree: Mapping[str, Any], lora_shapes) -> dict:
-    """Per-layer values ``{path: x}`` (e.g. LoRA factors) as the scanned blocks' collection: ``{"blocks": {layer
-    nesting: stack over blocks}}``, each leaf ``[depth, ...]`` in block order."""
-    by_layer: dict[str, list] = {}
-    for path, (layer, block) in sorted(_block_layers(lora_shapes).items(), key=lambda kv: kv[1][1]):
-        by_layer.setdefault(layer, []).append(tree[path])
-    stacked = {layer: jax.tree.map(lambda *xs: jnp.stack(xs), *values) for layer, values in by_layer.items()}
-    return {BLOCKS: traverse_util.unflatten_dict({tuple(layer.split("/")): v for layer, v in stacked.items()})}
 
 
 def by_kind(tree: Mapping[str, Any], axis: int = 0) -> dict:
