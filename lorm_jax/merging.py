@@ -514,15 +514,19 @@ def _any_full(grams: dict, client_axis: bool) -> bool:
 def solve_systems(systems: dict, *, dtype=None) -> dict:
     """``{path: E_p G_p^+}`` for ``systems = {path: (E_p [m_p, d], G_p)}`` (full or diagonal G).
 
-    Layers whose ``G`` have the same shape are stacked and solved as one stack (a vmap of :func:`solve_gram`, which the
-    solver folds into one stacked solve), their ``E`` padded with zero rows to the group's largest ``m`` (the rows of
-    ``E G^+`` are independent): a model compiles one solver per Gram shape, not one per layer (LoRM's B merge: one for
-    all its r×r systems), and only the summed ``[d, d]`` Grams are stacked, never the clients' ones.
+    Layers whose full ``G`` have the same shape are stacked and solved as one stack (a vmap of :func:`solve_gram`,
+    which the solver folds into one stacked solve), their ``E`` padded with zero rows to the group's largest ``m`` (the
+    rows of ``E G^+`` are independent): a model compiles one solver per Gram shape, not one per layer (LoRM's B merge:
+    one for all its r×r systems), and only the summed ``[d, d]`` Grams are stacked, never the clients' ones. A diagonal
+    ``G`` is a column-wise division, solved where it is: stacking would only copy the ``E`` (the main job's merge
+    residuals spent ~90 of ~130 ms a round padding and stacking its dense ``[d_out, d_in]`` systems).
     """
-    groups = collections.defaultdict(list)
+    groups, out = collections.defaultdict(list), {}
     for p, (e, g) in systems.items():
-        groups[(e.shape[1:], g.shape)].append(p)
-    out = {}
+        if g.ndim == 1:
+            out[p] = solve_gram(e, g, dtype=dtype)
+        else:
+            groups[(e.shape[1:], g.shape)].append(p)
     for members in groups.values():
         if len(members) == 1:
             out[members[0]] = solve_gram(*systems[members[0]], dtype=dtype)
@@ -590,9 +594,6 @@ def regmean_lowrank_tree(b: dict, a: dict, grams: dict, *, dtype=None) -> dict:
 
 def solve_gram_tree(e: dict, grams: dict, *, dtype=None) -> dict:
     """``{path: E G^+}`` for running sums ``E = Σ_τ ΔW_τ G_τ`` [d_out, d_in] and ``G = Σ_τ G_τ`` (cross-task merge)."""
-    grams = {p: grams[p] for p in e}
-    if not _any_full(grams, client_axis=False):
-        return map_layers(lambda x, g: solve_gram(x, g, dtype=dtype), e, grams)
     return solve_systems({p: (e[p], grams[p]) for p in e}, dtype=dtype)
 
 

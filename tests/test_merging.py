@@ -310,6 +310,26 @@ def test_solve_gram_tree_cross_task():
     assert_within(got["l"], want, 4 * gamma(3 + 2) * abs_terms)
 
 
+def test_solve_systems_groups_full_grams_and_divides_diagonal_ones_in_place():
+    """Full Grams of one shape are solved as one padded stack; diagonal ones are the column-wise division of each
+    layer, exactly :func:`merging.solve_gram` of that layer (same ops per entry, nothing stacked)."""
+    rng = np.random.default_rng(5)
+    systems = {}
+    for p, (m, d) in {"a": (3, 6), "b": (5, 6), "c": (4, 9)}.items():  # diagonal: a and b share d, not m
+        systems[p] = (jnp.asarray(rng.normal(size=(m, d)), jnp.float32),
+                      jnp.asarray(rng.uniform(0.5, 2, d), jnp.float32))
+    for p, m in {"f": 2, "g": 4}.items():  # full, one shape: stacked, f padded to 4 rows
+        x = rng.normal(size=(20, 5))
+        systems[p] = (jnp.asarray(rng.normal(size=(m, 5)), jnp.float32), jnp.asarray(x.T @ x, jnp.float32))
+    got = merging.solve_systems(systems)
+    for p in "abc":
+        np.testing.assert_array_equal(got[p], merging.solve_gram(*systems[p]))
+    for p in "fg":
+        e, g = (np.asarray(x, np.float64) for x in systems[p])
+        assert got[p].shape == e.shape
+        assert rel_err(got[p], e @ np.linalg.inv(g)) < solve_bound(g, 20)
+
+
 def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="do not match"):
         merging.merge_lora_A(jnp.ones((3, 2, 5)), jnp.ones((3, 4)))
