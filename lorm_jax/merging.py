@@ -558,8 +558,8 @@ def merge_lora_tree(client_lora: dict, grams: dict, factor: str, *, dtype=None) 
     grams: ``{path: [K, d_in] or [K, d_in, d_in]}``. Returns the unstacked merged LoRA ``{path: {"A": [r, d_in],
     "B": [d_out, r]}}``: the trained factor merged in closed form, the frozen one passed through from client 0.
     Each layer's sums over clients (:func:`lora_system`; layers of one shape as one vmapped body for diagonal Grams;
-    layer by layer for full ones, never stacking the clients' d×d Grams), then one stacked solve per Gram shape
-    (:func:`solve_systems`).
+    layer by layer for full ones, never stacking the clients' d×d Grams), then :func:`solve_systems` (one stacked
+    solve per full Gram shape, e.g. all of B's r×r systems; a division where the Gram is diagonal).
     """
     if factor not in ("A", "B"):
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
